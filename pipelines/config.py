@@ -1,0 +1,169 @@
+"""Job configuration: one dataclass per job, filled from defaults, then a YAML file, then flags.
+
+Every leaf field of a (possibly nested) config dataclass becomes a command-line flag:
+a top-level field ``rerank_depth`` is ``--rerank-depth``, a nested field ``embedding.batch_size``
+is ``--embedding.batch-size``. The YAML file uses the same nesting. Unknown keys are errors,
+so a typo in a config file is never silently ignored.
+
+Example:
+    >>> @dataclasses.dataclass
+    ... class Example:
+    ...     name: str = "a"
+    ...     size: int = 1
+    >>> parse_config(Example, ["--size", "3"]).size
+    3
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+ConfigT = TypeVar("ConfigT")
+
+
+class ConfigError(ValueError):
+    """A configuration file or flag is invalid; the message names the key and the source."""
+
+
+def _unwrap_optional(field_type: Any) -> tuple[Any, bool]:
+    origin = typing.get_origin(field_type)
+    if origin in (typing.Union, types.UnionType):
+        arguments = [a for a in typing.get_args(field_type) if a is not type(None)]
+        if len(arguments) == 1:
+            return arguments[0], True
+    return field_type, False
+
+
+def _convert(raw: Any, field_type: Any, key: str, source: str) -> Any:
+    """Convert a YAML value or a command-line string to the field's declared type."""
+    inner, optional = _unwrap_optional(field_type)
+    if raw is None or (optional and isinstance(raw, str) and raw.lower() in ("none", "null")):
+        if optional:
+            return None
+        raise ConfigError(f"{source}: '{key}' may not be empty")
+    try:
+        if inner is bool:
+            if isinstance(raw, bool):
+                return raw
+            text = str(raw).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(f"not a boolean: {raw!r}")
+        if inner in (int, float, str):
+            if inner is int and isinstance(raw, float) and not raw.is_integer():
+                raise ValueError(f"not an integer: {raw!r}")
+            return inner(raw)
+        origin = typing.get_origin(inner)
+        if origin in (list, tuple):
+            (element_type,) = typing.get_args(inner)[:1] or (str,)
+            items = raw if isinstance(raw, (list, tuple)) else [p for p in str(raw).split(",") if p.strip()]
+            converted = [_convert(item.strip() if isinstance(item, str) else item, element_type, key, source) for item in items]
+            return converted if origin is list else tuple(converted)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"{source}: '{key}' = {raw!r} is not a valid {getattr(inner, '__name__', inner)} ({error})") from None
+    return raw
+
+
+def _leaf_fields(config_class: type, prefix: str = "") -> list[tuple[str, Any, dataclasses.Field]]:
+    """All leaf fields as (dotted name, type, field), descending into nested dataclasses."""
+    hints = typing.get_type_hints(config_class)
+    leaves = []
+    for field in dataclasses.fields(config_class):
+        field_type = hints[field.name]
+        dotted = f"{prefix}{field.name}"
+        if dataclasses.is_dataclass(field_type):
+            leaves.extend(_leaf_fields(field_type, dotted + "."))
+        else:
+            leaves.append((dotted, field_type, field))
+    return leaves
+
+
+def _apply(config: Any, values: dict[str, Any], source: str, prefix: str = "") -> None:
+    """Set nested values (a mapping shaped like the dataclass) on ``config`` in place."""
+    hints = typing.get_type_hints(type(config))
+    names = {field.name for field in dataclasses.fields(config)}
+    for key, value in values.items():
+        attribute = key.replace("-", "_")
+        dotted = f"{prefix}{attribute}"
+        if attribute not in names:
+            raise ConfigError(f"{source}: unknown setting '{dotted}' (known: {', '.join(sorted(names))})")
+        field_type = hints[attribute]
+        if dataclasses.is_dataclass(field_type):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: '{dotted}' must be a mapping of settings")
+            _apply(getattr(config, attribute), value, source, dotted + ".")
+        else:
+            setattr(config, attribute, _convert(value, field_type, dotted, source))
+
+
+def load_yaml_config(config: Any, path: str | Path) -> None:
+    """Apply the settings of a YAML file to ``config`` in place."""
+    text = Path(path).read_text()
+    values = yaml.safe_load(text) or {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of settings")
+    _apply(config, values, str(path))
+
+
+def build_argument_parser(config_class: type, description: str) -> argparse.ArgumentParser:
+    """An argparse parser with ``--config`` plus one flag per leaf field of ``config_class``."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--config", help="YAML file with settings (flags override it)")
+    defaults = config_class()
+    for dotted, field_type, field in _leaf_fields(config_class):
+        default = defaults
+        for part in dotted.split("."):
+            default = getattr(default, part)
+        flag = "--" + dotted.replace("_", "-")
+        help_text = field.metadata.get("help", "")
+        inner, _ = _unwrap_optional(field_type)
+        if typing.get_origin(inner) is list:
+            parser.add_argument(flag, dest=dotted, action="append", default=None, help=f"{help_text} (repeatable) [default: {default}]")
+        else:
+            parser.add_argument(flag, dest=dotted, default=None, help=f"{help_text} [default: {default}]")
+    return parser
+
+
+def parse_config(config_class: type[ConfigT], argv: list[str] | None, description: str = "") -> ConfigT:
+    """Defaults, then ``--config FILE.yaml``, then flags: the effective configuration."""
+    parser = build_argument_parser(config_class, description)
+    arguments = parser.parse_args(argv)
+    config = config_class()
+    if arguments.config:
+        load_yaml_config(config, arguments.config)
+    overrides: dict[str, Any] = {}
+    for dotted, _, _ in _leaf_fields(config_class):
+        value = getattr(arguments, dotted)
+        if value is None:
+            continue
+        if isinstance(value, list) and len(value) == 1 and "," in value[0]:
+            value = value[0]
+        target = overrides
+        parts = dotted.split(".")
+        for part in parts[:-1]:
+            target = target.setdefault(part, {})
+        target[parts[-1]] = value
+    _apply(config, overrides, "command line")
+    validate = getattr(config, "validate", None)
+    if callable(validate):
+        validate()
+    return config
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """The configuration as plain nested dicts (for printing, manifests and cache keys)."""
+    return dataclasses.asdict(config)
+
+
+def format_config(config: Any) -> str:
+    """Human-readable effective configuration, printed at job start."""
+    return yaml.safe_dump(config_to_dict(config), sort_keys=False, default_flow_style=False).rstrip()

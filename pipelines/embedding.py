@@ -1,0 +1,211 @@
+"""Bi-encoder embedding in a Ray Data actor pool, and the embedding store that lets later runs reuse it.
+
+:class:`DocumentEmbedder` loads the SentenceTransformer once per actor and turns batches of
+``(id, text_hash, content)`` into normalized float32 vectors. The pool is sized from the resources
+Ray reports (:func:`plan_embedding_pool`): one actor per GPU where GPUs exist, else CPU actors that
+leave room for the read and write tasks (a pool that claims every CPU starves them and hangs).
+
+:class:`EmbeddingStore` keeps vectors as Parquet parts (``id``, ``text_hash``, ``embedding`` as a
+fixed-size list of float32) under ``<index root>/embeddings/<model key>/``. Each part is written
+atomically, so a killed job leaves only whole parts, and a rerun embeds only the (id, text_hash)
+pairs that no part holds yet.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipelines import storage
+from pipelines.models import choose_device, load_sentence_transformer
+
+
+@dataclass
+class EmbeddingConfig:
+    """Bi-encoder and actor-pool settings."""
+
+    model: str = field(default="bundled", metadata={"help": "bundled, a Hugging Face id or a local path"})
+    normalize: bool = True
+    max_seq_length: int = field(default=256, metadata={"help": "tokens per text (0 = the model's own)"})
+    batch_size: int = field(default=32, metadata={"help": "texts per forward pass"})
+    rows_per_batch: int = field(default=256, metadata={"help": "rows per Ray Data batch sent to an actor"})
+    rows_per_part: int = field(default=20_000, metadata={"help": "rows per embedding Parquet part (unit of resume)"})
+    device: str = field(default="auto", metadata={"help": "auto (GPU when the cluster has one), cpu or cuda"})
+    precision: str = field(default="auto", metadata={"help": "auto, fp32, bf16 (autocast) or fp16 (GPU)"})
+    pool_size: int = field(default=0, metadata={"help": "actors (0 = from cluster resources)"})
+    threads_per_actor: int = field(default=0, metadata={"help": "torch threads per CPU actor (0 = auto)"})
+
+
+@dataclass(frozen=True)
+class EmbeddingPool:
+    """How many embedding actors to run and what each one claims from Ray."""
+
+    size: int
+    num_cpus: float
+    num_gpus: float
+    threads: int
+    device: str
+
+
+def plan_embedding_pool(config: EmbeddingConfig, cluster_cpus: float, cluster_gpus: float) -> EmbeddingPool:
+    """Size the actor pool from cluster resources (pure function, no Ray calls).
+
+    GPUs: one actor per GPU. CPUs: actors of ``threads`` torch threads each, claiming at most the
+    CPUs minus one (or two on larger machines) so read/write tasks always have room.
+    """
+    use_gpu = config.device in ("auto", "cuda") and cluster_gpus >= 1
+    if config.device == "cuda" and cluster_gpus < 1:
+        raise ValueError("embedding.device is cuda but the Ray cluster reports no GPU")
+    if use_gpu:
+        size = config.pool_size or int(cluster_gpus)
+        return EmbeddingPool(size=size, num_cpus=1.0, num_gpus=1.0, threads=max(1, config.threads_per_actor or 2), device="cuda")
+    total = max(1.0, float(cluster_cpus))
+    threads = config.threads_per_actor or int(min(total, 4))
+    reserve = 1.0 if total <= 8 else 2.0
+    available = max(0.5, total - reserve)
+    size = config.pool_size or max(1, int(available // threads))
+    num_cpus = max(0.25, min(float(threads), available / size))
+    return EmbeddingPool(size=size, num_cpus=round(num_cpus, 2), num_gpus=0.0, threads=threads, device="cpu")
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    if precision == "auto":
+        return "fp16" if device == "cuda" else "fp32"
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise ValueError(f"unknown precision {precision!r}: use auto, fp32, bf16 or fp16")
+    if precision == "fp16" and device != "cuda":
+        raise ValueError("precision fp16 needs a GPU; use bf16 or fp32 on CPU")
+    return precision
+
+
+def model_key(config: EmbeddingConfig) -> str:
+    """Folder name for a model's vectors: vectors from different settings never mix."""
+    identity = json.dumps(
+        {"model": config.model, "normalize": config.normalize, "max_seq_length": config.max_seq_length},
+        sort_keys=True,
+    )
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", config.model.rstrip("/").rsplit("/", 1)[-1]).strip("-")[:40] or "model"
+    return f"{slug}-{hashlib.sha256(identity.encode()).hexdigest()[:10]}"
+
+
+def embeddings_to_arrow(vectors: np.ndarray) -> pa.FixedSizeListArray:
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    return pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), vectors.shape[1])
+
+
+def arrow_to_embeddings(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """Fixed-size-list column → (rows, dim) float32 array."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    if len(column) == 0:
+        return np.zeros((0, 0), dtype=np.float32)
+    dim = column.type.list_size
+    return column.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, dim)
+
+
+class TextEncoder:
+    """A SentenceTransformer with the precision and thread settings applied; used by every embedding path."""
+
+    def __init__(self, config: EmbeddingConfig, device: str = "auto", threads: int = 0):
+        import torch
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.device = choose_device(device)
+        self.precision = resolve_precision(config.precision, self.device)
+        self.config = config
+        self.model = load_sentence_transformer(config.model, self.device, config.max_seq_length or None)
+        if self.precision == "fp16":
+            self.model.half()
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        import torch
+
+        context = (
+            torch.autocast("cpu", dtype=torch.bfloat16) if self.precision == "bf16" and self.device == "cpu"
+            else torch.autocast("cuda", dtype=torch.bfloat16) if self.precision == "bf16"
+            else contextlib.nullcontext()
+        )
+        with torch.inference_mode(), context:
+            vectors = self.model.encode(
+                texts,
+                batch_size=self.config.batch_size,
+                normalize_embeddings=self.config.normalize,
+                convert_to_numpy=True,
+                show_progress_bar=False,
+            )
+        return np.asarray(vectors, dtype=np.float32)
+
+    @property
+    def dimension(self) -> int:
+        return int(self.model.get_sentence_embedding_dimension())
+
+
+class DocumentEmbedder:
+    """Ray Data callable class: ``(id, text_hash, content)`` batches → ``(id, text_hash, embedding)``."""
+
+    def __init__(self, config: EmbeddingConfig, device: str = "auto", threads: int = 0):
+        self.encoder = TextEncoder(config, device, threads)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        vectors = self.encoder.encode(batch["content"].to_pylist())
+        return pa.table({"id": batch["id"], "text_hash": batch["text_hash"], "embedding": embeddings_to_arrow(vectors)})
+
+
+class EmbeddingStore:
+    """Vectors of one model, keyed by (id, text_hash), as atomically written Parquet parts."""
+
+    def __init__(self, index_root: str, config: EmbeddingConfig):
+        self.url = storage.join_url(index_root, "embeddings", model_key(config))
+
+    def parts(self) -> list[str]:
+        return storage.list_files(self.url, ".parquet")
+
+    def keys(self) -> pa.Table:
+        """``part``, ``row``, ``id``, ``text_hash`` of every stored vector (small: no vectors read)."""
+        tables = []
+        for part in self.parts():
+            keys = storage.read_parquet(part, columns=["id", "text_hash"])
+            tables.append(
+                keys.append_column("part", pa.array([part] * keys.num_rows, pa.string())).append_column(
+                    "row", pa.array(np.arange(keys.num_rows, dtype=np.int64))
+                )
+            )
+        if not tables:
+            return pa.table({"id": pa.array([], pa.string()), "text_hash": pa.array([], pa.string()), "part": pa.array([], pa.string()), "row": pa.array([], pa.int64())})
+        return pa.concat_tables(tables)
+
+
+
+def read_vectors(part_url: str, rows: np.ndarray) -> np.ndarray:
+    """The vectors at ``rows`` of one part."""
+    filesystem, path = storage.filesystem_and_path(part_url)
+    with filesystem.open(path, "rb") as handle:
+        column = pq.read_table(handle, columns=["embedding"])["embedding"]
+    return arrow_to_embeddings(column)[rows]
+
+
+def embed_documents(documents, store: EmbeddingStore, config: EmbeddingConfig) -> tuple[int, int]:
+    """Embed a Ray Dataset of ``(id, text_hash, content)`` into ``store``; returns (rows, parts written)."""
+    import ray
+
+    resources = ray.cluster_resources()
+    pool = plan_embedding_pool(config, resources.get("CPU", 1), resources.get("GPU", 0))
+    print(f"embedding pool: {pool.size} actor(s) on {pool.device}, {pool.num_cpus} CPU / {pool.num_gpus} GPU each, {pool.threads} threads")
+    embedded = documents.map_batches(
+        DocumentEmbedder,
+        fn_constructor_args=(config, pool.device, pool.threads),
+        batch_size=config.rows_per_batch,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=pool.size),
+        num_cpus=pool.num_cpus,
+        num_gpus=pool.num_gpus,
+    )
+    return storage.write_parquet_parts(embedded, store.url, config.rows_per_part)

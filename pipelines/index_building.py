@@ -1,0 +1,283 @@
+"""FAISS index building: parameters from corpus size, one training on a sample, shards filled in parallel.
+
+The index is trained once (IVF centroids and PQ codebooks) on a seeded sample of the embeddings,
+saved as ``trained.faiss``, and every shard is a copy of that empty index filled with a contiguous
+range of document *positions* (the global id space: position = rank of the document in file order).
+Each shard is filled in its own Ray task and written atomically with a stats file last, so a rerun
+skips shards that are complete. Search results from all shards can be merged directly, because
+they share the trained quantizer and the id space.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipelines import index_store, storage
+from pipelines.embedding import read_vectors
+
+FLAT_BELOW = 2_000
+
+
+@dataclass
+class IndexConfig:
+    """Index parameters; ``auto`` values are chosen from the corpus size (see choose_index_parameters)."""
+
+    factory: str = field(default="auto", metadata={"help": "faiss factory string, e.g. IVF1024,PQ48 (auto = from corpus size)"})
+    shards: int = field(default=0, metadata={"help": "number of shards (0 = one per million documents)"})
+    nprobe: int = field(default=0, metadata={"help": "IVF lists visited per query (0 = from nlist)"})
+    training_sample: int = field(default=0, metadata={"help": "vectors to train on (0 = from nlist)"})
+    seed: int = 1234
+
+
+@dataclass(frozen=True)
+class IndexPlan:
+    factory: str
+    nprobe: int
+    shards: int
+    training_sample: int
+    seed: int
+
+
+def _power_of_two(value: float) -> int:
+    return 2 ** max(0, round(math.log2(max(1.0, value))))
+
+
+def pq_subquantizers(dimension: int, dims_per_code: int = 8) -> int:
+    """The number of PQ sub-quantizers: a divisor of ``dimension`` near ``dimension / dims_per_code``."""
+    target = max(1, dimension // dims_per_code)
+    divisors = [m for m in range(1, dimension + 1) if dimension % m == 0]
+    return min(divisors, key=lambda m: (abs(m - target), -m))
+
+
+def choose_index_parameters(count: int, dimension: int, config: IndexConfig) -> IndexPlan:
+    """Index parameters for ``count`` vectors (pure function).
+
+    - under 2,000 vectors: exact (flat) search; IVF would have too few points per list;
+    - otherwise IVF with about sqrt(n) lists (4·sqrt(n) from a million up), at least 39 training
+      points per list, and PQ with one byte per 8 dimensions (48 bytes for 384-d);
+    - nprobe = a quarter of the lists, between 1 and 64; one shard per million vectors.
+    """
+    if config.factory == "auto":
+        if count < FLAT_BELOW:
+            factory = "Flat"
+        else:
+            nlist = _power_of_two(math.sqrt(count) * (4 if count >= 1_000_000 else 1))
+            nlist = max(1, min(nlist, count // 39))
+            factory = f"IVF{nlist},PQ{pq_subquantizers(dimension)}"
+    else:
+        factory = config.factory
+    nlist = ivf_list_count(factory, dimension)
+    nprobe = config.nprobe or (min(64, max(1, nlist // 4)) if nlist else 0)
+    shards = config.shards or max(1, math.ceil(count / 1_000_000))
+    shards = max(1, min(shards, max(1, count)))
+    if config.training_sample:
+        sample = config.training_sample
+    else:
+        sample = max(256 * 39, 64 * nlist) if nlist else 0
+        sample = min(sample, 500_000)
+    return IndexPlan(factory=factory, nprobe=nprobe, shards=shards, training_sample=min(sample, count), seed=config.seed)
+
+
+def ivf_list_count(factory: str, dimension: int) -> int:
+    """nlist of a factory string's IVF part (0 for non-IVF indexes)."""
+    index = make_empty_index(factory, dimension)
+    try:
+        return int(faiss.extract_index_ivf(index).nlist)
+    except (RuntimeError, AttributeError):
+        return 0
+
+
+def make_empty_index(factory: str, dimension: int) -> faiss.Index:
+    """An untrained index for inner-product search (vectors are normalized: inner product = cosine)."""
+    index = faiss.index_factory(dimension, factory, faiss.METRIC_INNER_PRODUCT)
+    try:
+        faiss.extract_index_ivf(index)
+        return index
+    except (RuntimeError, AttributeError):
+        return faiss.IndexIDMap2(index)
+
+
+def train_index(factory: str, vectors: np.ndarray, seed: int) -> bytes:
+    """Train an empty index on a sample; returns it serialized."""
+    index = make_empty_index(factory, vectors.shape[1])
+    try:
+        ivf = faiss.extract_index_ivf(index)
+        ivf.cp.seed = seed
+        if hasattr(ivf, "pq"):
+            ivf.pq.cp.seed = seed
+    except (RuntimeError, AttributeError):
+        pass
+    if not index.is_trained:
+        index.train(np.ascontiguousarray(vectors, dtype=np.float32))
+    return index_store.serialize_index(index)
+
+
+def fill_shard(
+    trained: bytes,
+    sources: list[tuple[str, np.ndarray, np.ndarray]],
+    first_position: int,
+    count: int,
+    dimension: int,
+    folder: str,
+    shard: int,
+) -> dict:
+    """Add one shard's vectors (read from embedding parts) to a copy of the trained index and write it.
+
+    ``sources`` lists (part URL, rows in that part, positions of those rows). Writes the faiss
+    file and the exact vectors, then the stats file last; returns the stats.
+    """
+    vectors = np.zeros((count, dimension), dtype=np.float32)
+    filled = np.zeros(count, dtype=bool)
+    for part_url, rows, positions in sources:
+        offsets = positions - first_position
+        vectors[offsets] = read_vectors(part_url, rows)
+        filled[offsets] = True
+    if not filled.all():
+        raise RuntimeError(f"shard {shard}: {int((~filled).sum())} positions have no stored vector")
+    index = index_store.deserialize_index(trained)
+    index.add_with_ids(vectors, np.arange(first_position, first_position + count, dtype=np.int64))
+    name = index_store.shard_name(shard)
+    index_bytes = index_store.serialize_index(index)
+    vector_bytes = index_store.vectors_to_bytes(vectors)
+    stats = {
+        "shard": shard,
+        "file": f"{name}.faiss",
+        "count": count,
+        "first_position": first_position,
+        "sha256": storage.write_bytes_atomically(storage.join_url(folder, f"{name}.faiss"), index_bytes),
+        "bytes": len(index_bytes),
+        "vectors_file": f"{name}.vectors.npy",
+        "vectors_sha256": storage.write_bytes_atomically(storage.join_url(folder, f"{name}.vectors.npy"), vector_bytes),
+        "vectors_bytes": len(vector_bytes),
+    }
+    storage.write_json_atomically(storage.join_url(folder, f"{name}.json"), stats)
+    return stats
+
+
+def locate_vectors(documents: pa.Table, stored: pa.Table) -> pa.Table:
+    """For each document position, the embedding part and row holding its vector.
+
+    ``documents`` has ``position``, ``id``, ``text_hash``; ``stored`` is EmbeddingStore.keys().
+    Raises if a document has no stored vector.
+    """
+    stored = stored.sort_by([("part", "ascending"), ("row", "ascending")])
+    first = stored.group_by(["id", "text_hash"], use_threads=False).aggregate([("part", "first"), ("row", "first")])
+    first = first.rename_columns(["id", "text_hash", "part", "row"])
+    located = documents.join(first, ["id", "text_hash"], join_type="left outer", use_threads=False).sort_by("position")
+    missing = pc.sum(pc.is_null(located["part"]).cast(pa.int64())).as_py() or 0
+    if missing:
+        example = located.filter(pc.is_null(located["part"]))["id"][0].as_py()
+        raise RuntimeError(f"{missing} documents have no stored embedding (for example id {example!r})")
+    return located
+
+
+def shard_ranges(count: int, shards: int) -> list[tuple[int, int]]:
+    """Contiguous, near-equal position ranges [start, end) for each shard."""
+    bounds = np.linspace(0, count, shards + 1).round().astype(int)
+    return [(int(bounds[i]), int(bounds[i + 1])) for i in range(shards)]
+
+
+def sources_for_range(located: pa.Table, start: int, end: int) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """Group the positions [start, end) by embedding part: (part, rows, positions)."""
+    piece = located.slice(start, end - start)
+    grouped: dict[str, list[int]] = defaultdict(list)
+    parts = piece["part"].to_pylist()
+    for offset, part in enumerate(parts):
+        grouped[part].append(offset)
+    rows = piece["row"].to_numpy()
+    positions = piece["position"].to_numpy()
+    return [(part, rows[offsets], positions[offsets]) for part, offsets in sorted(grouped.items()) for offsets in [np.array(offsets)]]
+
+
+def version_fingerprint(documents: pa.Table, plan: IndexPlan, model_settings: dict) -> str:
+    """A version id from what determines the index: the documents (id, text_hash, order), parameters, model.
+
+    A rerun with the same inputs finds the same (possibly half-finished) version and resumes it.
+    """
+    digest = hashlib.sha256()
+    digest.update(json.dumps({"plan": plan.__dict__, "model": model_settings}, sort_keys=True).encode())
+    for column in ("id", "text_hash"):
+        digest.update("\n".join(documents[column].to_pylist()).encode())
+        digest.update(b"\0")
+    return digest.hexdigest()[:16]
+
+
+def sample_positions(count: int, sample: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    if sample >= count:
+        return np.arange(count)
+    return np.sort(rng.choice(count, size=sample, replace=False))
+
+
+def read_training_vectors(located: pa.Table, positions: np.ndarray) -> np.ndarray:
+    """The vectors at ``positions`` (driver side; reads each part once)."""
+    chosen = located.take(pa.array(positions))
+    sources = sources_for_positions(chosen)
+    dimension = None
+    out: np.ndarray | None = None
+    index_of = {int(p): i for i, p in enumerate(positions)}
+    for part, rows, part_positions in sources:
+        vectors = read_vectors(part, rows)
+        if out is None:
+            dimension = vectors.shape[1]
+            out = np.zeros((len(positions), dimension), dtype=np.float32)
+        out[[index_of[int(p)] for p in part_positions]] = vectors
+    return out if out is not None else np.zeros((0, 0), dtype=np.float32)
+
+
+def sources_for_positions(located: pa.Table) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    return sources_for_range(located, 0, located.num_rows)
+
+
+def build_shards(
+    located: pa.Table,
+    plan: IndexPlan,
+    dimension: int,
+    folder: str,
+) -> list[dict]:
+    """Train (or reuse ``trained.faiss``) and fill every shard not already complete; returns shard stats."""
+    import ray
+
+    count = located.num_rows
+    trained_url = storage.join_url(folder, "trained.faiss")
+    if storage.exists(trained_url):
+        trained = storage.read_bytes(trained_url)
+        print(f"reusing trained index {trained_url}")
+    else:
+        positions = sample_positions(count, plan.training_sample, plan.seed) if plan.training_sample else np.arange(0)
+        vectors = read_training_vectors(located, positions) if len(positions) else np.zeros((1, dimension), dtype=np.float32)
+        print(f"training {plan.factory} on {len(positions)} vectors")
+        trained = ray.get(ray.remote(num_cpus=1)(train_index).remote(plan.factory, vectors, plan.seed))
+        storage.write_bytes_atomically(trained_url, trained)
+    trained_reference = ray.put(trained)
+    stats: dict[int, dict] = {}
+    pending = {}
+    fill = ray.remote(num_cpus=1)(fill_shard)
+    for shard, (start, end) in enumerate(shard_ranges(count, plan.shards)):
+        stats_url = storage.join_url(folder, f"{index_store.shard_name(shard)}.json")
+        if storage.exists(stats_url):
+            stats[shard] = storage.read_json(stats_url)
+            continue
+        sources = sources_for_range(located, start, end)
+        pending[fill.remote(trained_reference, sources, start, end - start, dimension, folder, shard)] = shard
+    if stats:
+        print(f"reusing {len(stats)} finished shard(s)")
+    from tqdm import tqdm
+
+    with tqdm(total=len(pending), desc="filling shards", disable=not pending) as progress:
+        remaining = list(pending)
+        while remaining:
+            done, remaining = ray.wait(remaining, num_returns=1)
+            result = ray.get(done[0])
+            stats[result["shard"]] = result
+            progress.update(1)
+    return [stats[shard] for shard in range(plan.shards)]

