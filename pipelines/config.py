@@ -2,7 +2,8 @@
 
 Every leaf field of a (possibly nested) config dataclass becomes a command-line flag:
 a top-level field ``rerank_depth`` is ``--rerank-depth``, a nested field ``embedding.batch_size``
-is ``--embedding.batch-size``. The YAML file uses the same nesting. Unknown keys are errors,
+is ``--embedding.batch-size``; a class attribute ``FLAG_ALIASES`` ({"--top-k": "search.top_k"})
+adds short names. The YAML file uses the same nesting. Unknown keys are errors,
 so a typo in a config file is never silently ignored.
 
 Example:
@@ -118,18 +119,19 @@ def build_argument_parser(config_class: type, description: str) -> argparse.Argu
     """An argparse parser with ``--config`` plus one flag per leaf field of ``config_class``."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--config", help="YAML file with settings (flags override it)")
+    aliases = getattr(config_class, "FLAG_ALIASES", {})
     defaults = config_class()
     for dotted, field_type, field in _leaf_fields(config_class):
         default = defaults
         for part in dotted.split("."):
             default = getattr(default, part)
-        flag = "--" + dotted.replace("_", "-")
+        flags = ["--" + dotted.replace("_", "-")] + [alias for alias, target in aliases.items() if target == dotted]
         help_text = field.metadata.get("help", "")
         inner, _ = _unwrap_optional(field_type)
         if typing.get_origin(inner) is list:
-            parser.add_argument(flag, dest=dotted, action="append", default=None, help=f"{help_text} (repeatable) [default: {default}]")
+            parser.add_argument(*flags, dest=dotted, action="append", default=None, help=f"{help_text} (repeatable) [default: {default}]")
         else:
-            parser.add_argument(flag, dest=dotted, default=None, help=f"{help_text} [default: {default}]")
+            parser.add_argument(*flags, dest=dotted, default=None, help=f"{help_text} [default: {default}]")
     return parser
 
 

@@ -64,7 +64,8 @@ def choose_index_parameters(count: int, dimension: int, config: IndexConfig) -> 
     - under 2,000 vectors: exact (flat) search; IVF would have too few points per list;
     - otherwise IVF with about sqrt(n) lists (4·sqrt(n) from a million up), at least 39 training
       points per list, and PQ with one byte per 8 dimensions (48 bytes for 384-d);
-    - nprobe = a quarter of the lists, between 1 and 64; one shard per million vectors.
+    - nprobe = half the lists, at most 128 (SciFact, IVF64: nDCG@10 0.640 at 16, 0.647 at 32, 0.649 exact);
+      one shard per million vectors.
     """
     if config.factory == "auto":
         if count < FLAT_BELOW:
@@ -76,7 +77,7 @@ def choose_index_parameters(count: int, dimension: int, config: IndexConfig) -> 
     else:
         factory = config.factory
     nlist = ivf_list_count(factory, dimension)
-    nprobe = config.nprobe or (min(64, max(1, nlist // 4)) if nlist else 0)
+    nprobe = config.nprobe or (min(128, max(1, nlist // 2)) if nlist else 0)
     shards = config.shards or max(1, math.ceil(count / 1_000_000))
     shards = max(1, min(shards, max(1, count)))
     if config.training_sample:

@@ -42,3 +42,23 @@ def load_sentence_transformer(reference: str, device: str = "auto", max_seq_leng
     if max_seq_length:
         model.max_seq_length = max_seq_length
     return model
+
+
+def inference_context(precision: str, device: str):
+    """The autocast context for a precision: bf16 autocast on CPU or GPU, nothing for fp32/fp16 weights."""
+    import contextlib
+
+    if precision == "bf16":
+        return torch.autocast("cuda" if device.startswith("cuda") else "cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """``auto`` → fp16 on GPU, fp32 on CPU; checks that the choice is possible on the device."""
+    if precision == "auto":
+        return "fp16" if device.startswith("cuda") else "fp32"
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise ValueError(f"unknown precision {precision!r}: use auto, fp32, bf16 or fp16")
+    if precision == "fp16" and not device.startswith("cuda"):
+        raise ValueError("precision fp16 needs a GPU; use bf16 or fp32 on CPU")
+    return precision

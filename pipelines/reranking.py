@@ -1,0 +1,161 @@
+"""Second stage: score the top-N (query, document) pairs with a cross-encoder, fuse, and rank.
+
+:class:`CrossEncoderScorer` is a Ray Data callable class (one model load per actor) that adds
+``rerank_scores`` (raw logits, shape (queries, N), NaN where a query has fewer candidates) to a
+batch of queries carrying their first-stage candidates. :func:`rank_candidates` turns such a
+batch into output rows: the reranked top-N first (by fused score when the model carries a fusion
+weight, else by rerank score), then the remaining candidates in first-stage order.
+
+Scores are raw logits: ``CrossEncoder.predict`` applies a sigmoid by default, which squashes
+differences and distorts per-query standardization in fusion.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+
+from pipelines.models import choose_device, inference_context, resolve_model_reference, resolve_precision
+
+FUSION_FILE = "fusion.json"
+
+OUTPUT_SCHEMA = pa.schema(
+    [
+        ("query_id", pa.string()),
+        ("rank", pa.int32()),
+        ("doc_id", pa.string()),
+        ("score", pa.float32()),
+        ("first_stage_rank", pa.int32()),
+        ("first_stage_score", pa.float32()),
+        ("rerank_score", pa.float32()),
+        ("fused_score", pa.float32()),
+    ]
+)
+
+
+@dataclass
+class RerankConfig:
+    """Cross-encoder settings."""
+
+    model: str = field(default="none", metadata={"help": "cross-encoder: Hugging Face id, local path, or none"})
+    depth: int = field(default=30, metadata={"help": "candidates per query to rerank (N)"})
+    batch_size: int = 32
+    max_length: int = field(default=256, metadata={"help": "tokens per (query, document) pair (0 = the model's own)"})
+    fusion: str = field(default="auto", metadata={"help": "auto (use the model's fusion weight if it has one) or off"})
+    device: str = "auto"
+    precision: str = field(default="auto", metadata={"help": "auto, fp32, bf16 (autocast) or fp16 (GPU)"})
+    pool_size: int = field(default=0, metadata={"help": "actors (0 = from cluster resources)"})
+    threads_per_actor: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.model.lower() not in ("", "none", "off")
+
+
+def read_fusion_weight(model: str) -> float | None:
+    """The fusion weight stored with a trained reranker (``fusion.json``), or None."""
+    path = os.path.join(resolve_model_reference(model), FUSION_FILE)
+    if not os.path.exists(path):
+        return None
+    weight = float(json.loads(open(path).read())["weight"])
+    if not 0.0 <= weight <= 1.0:
+        raise ValueError(f"{path}: fusion weight {weight} is outside [0, 1]")
+    return weight
+
+
+def standardize(scores: np.ndarray) -> np.ndarray:
+    """z-scores along the last axis, ignoring NaN; a constant row becomes zeros."""
+    mean = np.nanmean(scores, axis=-1, keepdims=True)
+    deviation = np.nanstd(scores, axis=-1, keepdims=True)
+    return (scores - mean) / np.where(deviation > 0, deviation, 1.0)
+
+
+def fuse_scores(rerank_scores: np.ndarray, first_stage_scores: np.ndarray, weight: float) -> np.ndarray:
+    """weight·z(rerank) + (1 − weight)·z(first stage), standardized within each query (row)."""
+    return weight * standardize(rerank_scores) + (1.0 - weight) * standardize(first_stage_scores)
+
+
+class CrossEncoderScorer:
+    """Ray Data callable class: adds ``rerank_scores`` for each query's top-N candidates."""
+
+    def __init__(self, config: RerankConfig, texts, device: str = "auto", threads: int = 0):
+        import torch
+        from sentence_transformers import CrossEncoder
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.device = choose_device(device)
+        self.precision = resolve_precision(config.precision, self.device)
+        self.model = CrossEncoder(resolve_model_reference(config.model), device=self.device, max_length=config.max_length or None)
+        if self.precision == "fp16":
+            self.model.model.half()
+        self.config = config
+        self.texts = texts
+        self.identity = torch.nn.Identity()
+
+    def score_pairs(self, pairs: list[tuple[str, str]]) -> np.ndarray:
+        import torch
+
+        if not pairs:
+            return np.zeros(0, dtype=np.float32)
+        with torch.inference_mode(), inference_context(self.precision, self.device):
+            scores = self.model.predict(pairs, batch_size=self.config.batch_size, activation_fn=self.identity, show_progress_bar=False, convert_to_numpy=True)
+        return np.asarray(scores, dtype=np.float32).reshape(-1)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        positions = np.asarray(batch["candidate_positions"])[:, : self.config.depth]
+        query_rows, columns = np.nonzero(positions >= 0)
+        texts = self.texts.fetch(positions[query_rows, columns])
+        pairs = [(str(batch["query_text"][row]), text) for row, text in zip(query_rows, texts)]
+        scores = np.full(positions.shape, np.nan, dtype=np.float32)
+        scores[query_rows, columns] = self.score_pairs(pairs)
+        batch["rerank_scores"] = scores
+        return batch
+
+
+def rank_candidates(batch: dict[str, np.ndarray], doc_ids: pa.Array, fusion_weight: float | None) -> pa.Table:
+    """One output row per (query, candidate): final rank, both stages' scores and ranks."""
+    import ray
+
+    if isinstance(doc_ids, ray.ObjectRef):
+        doc_ids = ray.get(doc_ids)
+    positions = np.asarray(batch["candidate_positions"])
+    first_scores = np.asarray(batch["candidate_scores"], dtype=np.float32)
+    rerank = batch.get("rerank_scores")
+    columns: dict[str, list] = {name: [] for name in OUTPUT_SCHEMA.names}
+    for row, query_id in enumerate(batch["query_id"]):
+        valid = positions[row] >= 0
+        count = int(valid.sum())
+        first_rank = np.arange(1, count + 1)
+        row_first = first_scores[row, :count]
+        rerank_row = np.full(count, np.nan, dtype=np.float32)
+        fused_row = np.full(count, np.nan, dtype=np.float32)
+        order = np.arange(count)
+        if rerank is not None:
+            depth = min(count, rerank.shape[1])
+            rerank_row[:depth] = rerank[row, :depth]
+            key = rerank_row[:depth]
+            if fusion_weight is not None and depth:
+                fused_row[:depth] = fuse_scores(rerank_row[:depth], row_first[:depth], fusion_weight)
+                key = fused_row[:depth]
+            head = np.lexsort((first_rank[:depth], -key))
+            order = np.concatenate([head, np.arange(depth, count)])
+        final_key = np.where(np.isnan(fused_row), np.where(np.isnan(rerank_row), row_first, rerank_row), fused_row)
+        columns["query_id"].extend([str(query_id)] * count)
+        columns["rank"].extend(range(1, count + 1))
+        columns["doc_id"].extend(doc_ids.take(pa.array(positions[row, :count][order])).to_pylist())
+        columns["score"].extend(final_key[order].tolist())
+        columns["first_stage_rank"].extend(first_rank[order].tolist())
+        columns["first_stage_score"].extend(row_first[order].tolist())
+        columns["rerank_score"].extend(rerank_row[order].tolist())
+        columns["fused_score"].extend(fused_row[order].tolist())
+    arrays = [
+        pa.array(np.asarray(columns[column.name], dtype=np.float32), column.type, from_pandas=True)  # NaN -> null: not reranked/fused
+        if column.type == pa.float32() else pa.array(columns[column.name], column.type)
+        for column in OUTPUT_SCHEMA
+    ]
+    return pa.Table.from_arrays(arrays, schema=OUTPUT_SCHEMA)
