@@ -102,3 +102,27 @@ def load_document_texts(corpus_url: str, manifest: dict, doc_ids: pa.Table, part
             f"was built (for example id {example!r}); rebuild the index or point the manifest at the right corpus"
         )
     return DocumentTexts(partitions=actors, bounds=bounds)
+
+
+def _rows_with_ids(batch: pa.Table, ids) -> pa.Table:
+    import ray
+
+    if isinstance(ids, ray.ObjectRef):
+        ids = ray.get(ids)
+    valid = batch.filter(pc.is_null(batch["reason"]))
+    return valid.filter(pc.is_in(valid["id"], value_set=ids)).select(["id", "content", "order_key"])
+
+
+def texts_by_id(corpus_url: str, corpus_config: CorpusConfig, ids: list[str]) -> dict[str, str]:
+    """Texts of a (small) set of documents or queries, by id; the first occurrence of an id wins."""
+    import ray
+
+    dataset, _ = read_corpus(corpus_url, corpus_config)
+    wanted = ray.put(pa.array(sorted(set(ids)), pa.string()))
+    tables = [t for t in ray.get(dataset.map_batches(_rows_with_ids, fn_args=(wanted,), batch_format="pyarrow").to_arrow_refs()) if t.num_rows]
+    texts: dict[str, str] = {}
+    if tables:
+        table = pa.concat_tables(tables).sort_by("order_key")
+        for identifier, content in zip(table["id"].to_pylist(), table["content"].to_pylist()):
+            texts.setdefault(identifier, content)
+    return texts

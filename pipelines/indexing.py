@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 import pipelines
 from pipelines import index_store, storage
 from pipelines.config import config_to_dict
-from pipelines.documents import QUARANTINE_COLUMNS, CorpusConfig, find_duplicate_ids, mark_duplicates, read_corpus
+from pipelines.documents import QUARANTINE_COLUMNS, CorpusConfig, CorpusError, find_duplicate_ids, mark_duplicates, read_corpus
 from pipelines.embedding import EmbeddingConfig, EmbeddingStore, embed_documents, model_key
 from pipelines.index_building import IndexConfig, build_shards, choose_index_parameters, locate_vectors, version_fingerprint
 from pipelines.runtime import ensure_ray, format_table, worker_visible
@@ -62,9 +62,15 @@ def _resolve(value: Any) -> Any:
     return ray.get(value) if isinstance(value, ray.ObjectRef) else value
 
 
-def _quarantined_rows(batch: pa.Table, duplicates: pa.Table) -> pa.Table:
+def _quarantined_rows(batch: pa.Table, duplicates: pa.Table, corpus_url: str, public_corpus: str) -> pa.Table:
     marked = mark_duplicates(batch, _resolve(duplicates))
-    return marked.filter(pc.is_valid(marked["reason"])).select(QUARANTINE_COLUMNS)
+    rows = marked.filter(pc.is_valid(marked["reason"])).select(QUARANTINE_COLUMNS)
+    if corpus_url == public_corpus:
+        return rows
+    for column in ("source_file", "reason"):  # a duplicate's reason names the file of the kept copy
+        names = [_public_url(value, corpus_url, public_corpus) for value in rows[column].to_pylist()]
+        rows = rows.set_column(rows.schema.get_field_index(column), column, pa.array(names, pa.string()))
+    return rows
 
 
 def _rows_to_embed(batch: pa.Table, order_keys: pa.Array) -> pa.Table:
@@ -106,7 +112,13 @@ def _build_index(config: BuildIndexConfig, corpus_url: str, index_url: str) -> d
     ensure_ray()
 
     # 1. Read and validate.
-    validated, files = read_corpus(corpus_url, config.documents)
+    try:
+        validated, files = read_corpus(corpus_url, config.documents)
+    except CorpusError as error:  # name the user's file, not the temporary mirror of a memory:// corpus
+        public = _public_url(str(error), corpus_url, config.corpus)
+        if public == str(error):
+            raise
+        raise CorpusError(public) from error
     validated = validated.materialize()
     rows_read = validated.count()
     keys = collect(validated.map_batches(_valid_keys, batch_format="pyarrow"))
@@ -143,14 +155,27 @@ def _build_index(config: BuildIndexConfig, corpus_url: str, index_url: str) -> d
         print(f"version {version_id} is already complete; nothing to rebuild")
         if config.publish:
             index_store.publish(index_url, version_id)
-        return storage.read_json(storage.join_url(folder, "summary.json"))
+        built = storage.read_json(storage.join_url(folder, "summary.json"))
+        # summary.json describes the run that built the version; the rerun reports its own work.
+        return {
+            **built,
+            "embedded": embedded_rows,
+            "reused_embeddings": documents.num_rows - missing.num_rows,
+            "embedding_seconds": round(embed_seconds, 2),
+            "docs_per_second": round(embedded_rows / embed_seconds, 1) if embedded_rows else 0.0,
+            "read_seconds": round(read_seconds, 2),
+            "index_seconds": 0.0,
+            "wall_seconds": round(time.perf_counter() - started, 2),
+        }
     print(f"building version {version_id}: {plan.factory}, {plan.shards} shard(s), nprobe {plan.nprobe}")
 
     # 4. Quarantine (rewritten whole on a rerun), shards, ids, summary, manifest, pointer.
     quarantine_url = storage.join_url(folder, "quarantine")
     storage.remove_tree(quarantine_url)
     quarantined, _ = storage.write_parquet_parts(
-        validated.map_batches(_quarantined_rows, fn_args=(ray.put(duplicates),), batch_format="pyarrow"), quarantine_url, 100_000
+        validated.map_batches(_quarantined_rows, fn_args=(ray.put(duplicates), corpus_url, config.corpus), batch_format="pyarrow"),
+        quarantine_url,
+        100_000,
     )
     index_started = time.perf_counter()
     shards = build_shards(located, plan, dimension, folder)
@@ -197,11 +222,18 @@ def _build_index(config: BuildIndexConfig, corpus_url: str, index_url: str) -> d
     return summary
 
 
-def _public_url(url: str, effective_root: str, public_root: str) -> str:
-    """Report URLs under the root the user gave (not the temporary mirror of process-local storage)."""
-    if effective_root != public_root and url.startswith(effective_root):
-        return public_root.rstrip("/") + url[len(effective_root.rstrip("/")):]
-    return url
+def _public_url(text: str, effective_root: str, public_root: str) -> str:
+    """Name files under the root the user gave, not under the temporary mirror of process-local storage.
+
+    ``text`` is a URL or a message naming URLs; the mirror (a uniquely named local folder) may be
+    spelt as a path or as a ``file://`` URL, as listings return it.
+    """
+    if effective_root == public_root:
+        return text
+    filesystem, path = storage.filesystem_and_path(effective_root)
+    for mirror in (storage.to_url(filesystem, path.rstrip("/")), effective_root.rstrip("/")):
+        text = text.replace(mirror, public_root.rstrip("/"))
+    return text
 
 
 def _stored_dimension(part_url: str) -> int:

@@ -53,14 +53,16 @@ def _copy_tree(source_url: str, target_url: str) -> None:
 
 
 @contextlib.contextmanager
-def worker_visible(url: str, copy_back: bool = False) -> Iterator[str]:
+def worker_visible(url: str, copy_back: bool = False, local_only: bool = False) -> Iterator[str]:
     """A URL that Ray workers can read (and write) for ``url``.
 
     Shared storage (local disk on one node, S3, GCS...) is yielded unchanged. Process-local storage
     (memory://) is mirrored into a temporary local folder for the duration, and copied back at the
     end when ``copy_back`` is set. Process-local storage cannot span a multi-node cluster.
+    With ``local_only`` every non-local URL is mirrored (for libraries that write plain files).
     """
-    if not is_process_local(url):
+    filesystem, _ = storage.filesystem_and_path(url)
+    if not is_process_local(url) and not (local_only and not storage.is_local(filesystem)):
         yield url
         return
     folder = tempfile.mkdtemp(prefix="retrieval-process-local-")

@@ -6,6 +6,7 @@ all-MiniLM-L6-v2 tokenizer and get fresh random weights from a fixed seed.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -127,3 +128,160 @@ def write_jsonl(path: Path, records: list) -> Path:
         for record in records:
             handle.write((record if isinstance(record, str) else json.dumps(record)) + "\n")
     return path
+
+
+# ---------------------------------------------------------------------------------------------------
+# S3 through a local moto server. Ray workers inherit the environment of the moment Ray starts, so the
+# endpoint and test credentials are set here, when the conftest is imported (before any fixture can
+# start Ray); the server itself starts only when a test asks for it. Pointing every AWS client of the
+# session at 127.0.0.1 also guarantees that no test can reach a real bucket.
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+MOTO_PORT = _free_port()
+S3_TEST_ENVIRONMENT = {
+    "AWS_ENDPOINT_URL": f"http://127.0.0.1:{MOTO_PORT}",
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+os.environ.update(S3_TEST_ENVIRONMENT)
+for _variable in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"):
+    os.environ.pop(_variable, None)
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> str:
+    """A moto S3 server on the endpoint the environment names (started once); yields the endpoint URL."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=MOTO_PORT, verbose=False)
+    server.start()
+    yield S3_TEST_ENVIRONMENT["AWS_ENDPOINT_URL"]
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server, request) -> str:
+    """A fresh, empty bucket on the moto server; yields its URL ``s3://<name>``.
+
+    Created with boto3: s3fs's mkdir sends a location constraint that moto rejects for us-east-1.
+    """
+    import hashlib
+
+    import boto3
+
+    name = "test-" + hashlib.sha256(request.node.nodeid.encode()).hexdigest()[:20]
+    boto3.client("s3").create_bucket(Bucket=name)
+    yield f"s3://{name}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# A small corpus with every kind of damaged row, split over a JSON-lines file and a multi-row-group
+# Parquet file, together with what the indexing job must make of it.
+
+# Flags shared by every test build of the damaged corpus: several read pieces, embedding parts and
+# shards, and an IVF index (nprobe = nlist, so search stays exact) to exercise those code paths.
+DAMAGED_CORPUS_BUILD_FLAGS = (
+    "--documents.rows-per-read-task", "40",
+    "--embedding.max-seq-length", "64",
+    "--embedding.rows-per-part", "100",
+    "--faiss.factory", "IVF4,Flat",
+    "--faiss.nprobe", "4",
+    "--faiss.shards", "3",
+)
+
+
+@dataclasses.dataclass
+class DamagedCorpus:
+    """Files of a damaged corpus and the job's expected result."""
+
+    folder: Path
+    files: dict[str, bytes]  # file name -> content, to recreate the corpus on other storage
+    indexed_ids: list[str]  # valid ids in file order: position i holds indexed_ids[i]
+    quarantined: list[tuple[str, int, str, str]]  # (file name, row, field, start of the reason)
+
+    @property
+    def rows_read(self) -> int:
+        return len(self.indexed_ids) + len(self.quarantined)
+
+
+def make_damaged_corpus(folder: Path, seed: int = 0) -> DamagedCorpus:
+    """``a.jsonl`` (150 good rows, 11 bad ones, a blank line) and ``b.parquet`` (90 good, 3 bad; row groups of 20)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    documents = synthetic_documents(240, seed=seed)
+    jsonl_lines: list[object] = list(documents[:150])
+    quarantined: list[tuple[str, int, str, str]] = []
+    # (0-based line in the final file, record or raw line, field, start of the reason); inserted in
+    # ascending order, so each lands on its line.
+    bad_jsonl = [
+        (5, {"_id": None, "title": "t", "text": "null id"}, "_id", "null id"),
+        (17, {"_id": "   ", "text": "blank id"}, "_id", "empty id"),
+        (30, {"_id": 1.5, "text": "float id"}, "_id", "wrong type for id: float"),
+        (44, {"_id": "bad-missing-text", "title": "no text"}, "text", "missing text"),
+        (58, {"_id": "bad-empty-text", "text": "  \t "}, "text", "empty text"),
+        (71, {"_id": "bad-null-text", "text": None}, "text", "null text"),
+        (85, {"_id": "bad-text-type", "text": ["a", "list"]}, "text", "wrong type for text: list"),
+        (99, {"_id": "bad-title-type", "title": 7, "text": "fine text"}, "title", "wrong type for title: int"),
+        (112, '{"_id": "broken", "text": "unterminated', "row", "invalid JSON"),
+        (126, "[1, 2, 3]", "row", "not a JSON object (list)"),
+        (140, {"_id": "d3", "text": "a second copy of d3"}, "id", "duplicate id (first seen in "),
+    ]
+    for line, record, field_name, reason in sorted(bad_jsonl, key=lambda item: item[0]):
+        jsonl_lines.insert(line, record)
+        quarantined.append(("a.jsonl", line, field_name, reason))
+    jsonl_lines.insert(150, "")  # after every bad line: skipped, but it still counts as a line
+
+    parquet_rows = [dict(document) for document in documents[150:]]
+    bad_parquet = [
+        (12, {"_id": None, "title": "t", "text": "null id in parquet"}, "_id", "null id"),
+        (47, {"_id": "bad-parquet-empty-text", "title": "t", "text": ""}, "text", "empty text"),
+        (77, {"_id": "d10", "title": "t", "text": "a copy of d10 in another file"}, "id", "duplicate id (first seen in "),
+    ]
+    for row, record, field_name, reason in bad_parquet:
+        parquet_rows.insert(row, record)
+        quarantined.append(("b.parquet", row, field_name, reason))
+
+    folder.mkdir(parents=True, exist_ok=True)
+    write_jsonl(folder / "a.jsonl", jsonl_lines)
+    table = pa.Table.from_pylist(parquet_rows, schema=pa.schema([("_id", pa.string()), ("title", pa.string()), ("text", pa.string())]))
+    pq.write_table(table, folder / "b.parquet", row_group_size=20)
+    indexed_ids = [document["_id"] for document in documents]
+    files = {name: (folder / name).read_bytes() for name in ("a.jsonl", "b.parquet")}
+    return DamagedCorpus(folder=folder, files=files, indexed_ids=indexed_ids, quarantined=sorted(quarantined))
+
+
+@pytest.fixture(scope="session")
+def damaged_corpus(tmp_path_factory) -> DamagedCorpus:
+    """The damaged corpus on local disk (read-only: copy it to change it)."""
+    return make_damaged_corpus(tmp_path_factory.mktemp("damaged-corpus") / "corpus")
+
+
+def build_index_flags(corpus: str, index: str, model: str, *extra: str) -> list[str]:
+    """Command-line flags of jobs.build_index for a test build."""
+    return ["--corpus", str(corpus), "--index", str(index), "--embedding.model", str(model), *extra]
+
+
+@dataclasses.dataclass
+class BuiltIndex:
+    root: Path
+    summary: dict
+
+
+@pytest.fixture(scope="session")
+def damaged_corpus_index(ray_session, tiny_bi_encoder, damaged_corpus, tmp_path_factory) -> BuiltIndex:
+    """The damaged corpus indexed once on local disk with the tiny model (read-only: copy it to change it)."""
+    from jobs.build_index import main
+
+    root = tmp_path_factory.mktemp("damaged-corpus-index") / "index"
+    summary = main(build_index_flags(damaged_corpus.folder, root, tiny_bi_encoder, *DAMAGED_CORPUS_BUILD_FLAGS))
+    return BuiltIndex(root=root, summary=summary)
