@@ -44,7 +44,7 @@ class RerankConfig:
     model: str = field(default="none", metadata={"help": "cross-encoder: Hugging Face id, local path, or none"})
     depth: int = field(default=30, metadata={"help": "candidates per query to rerank (N)"})
     batch_size: int = 32
-    max_length: int = field(default=256, metadata={"help": "tokens per (query, document) pair (0 = the model's own)"})
+    max_length: int = field(default=0, metadata={"help": "tokens per (query, document) pair (0 = the model's own)"})
     fusion: str = field(default="auto", metadata={"help": "auto (use the model's fusion weight if it has one) or off"})
     device: str = "auto"
     precision: str = field(default="auto", metadata={"help": "auto, fp32, bf16 (autocast) or fp16 (GPU)"})

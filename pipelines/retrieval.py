@@ -169,7 +169,11 @@ def _retrieve_and_rerank(config, manifest, index_url, queries_url, corpus_url, o
         fusion_weight = read_fusion_weight(config.rerank.model)
     pipeline_started = time.perf_counter()
     if pending.num_rows:
-        queries = validated.map_batches(_queries_to_run, fn_args=(ray.put(pending["order_key"].combine_chunks()),), batch_format="pyarrow", num_cpus=0.25)
+        # Small blocks stream through the stages and spread over every reranking actor.
+        rows_per_block = max(1, min(config.search.queries_per_batch, 2048 // config.rerank.depth)) if config.rerank.enabled else config.search.queries_per_batch
+        queries = validated.map_batches(
+            _queries_to_run, fn_args=(ray.put(pending["order_key"].combine_chunks()),), batch_format="pyarrow", num_cpus=0.25
+        ).repartition(target_num_rows_per_block=rows_per_block)
         embedding = query_embedding_config(manifest, EmbeddingConfig(batch_size=64))
         flow = queries.map_batches(
             QueryEncoder,
@@ -194,7 +198,7 @@ def _retrieve_and_rerank(config, manifest, index_url, queries_url, corpus_url, o
             flow = flow.map_batches(
                 CrossEncoderScorer,
                 fn_constructor_args=(config.rerank, texts, pools.reranker_device, pools.reranker_threads),
-                batch_size=max(1, min(config.search.queries_per_batch, 2048 // max(1, config.rerank.depth))),
+                batch_size=rows_per_block,
                 batch_format="numpy",
                 compute=ray.data.ActorPoolStrategy(size=pools.reranker_size),
                 num_cpus=pools.reranker_cpus,

@@ -21,8 +21,12 @@ import pyarrow.parquet as pq
 
 
 def filesystem_and_path(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The fsspec filesystem for ``url`` and the path inside it (protocol stripped)."""
-    filesystem, path = fsspec.core.url_to_fs(str(url))
+    """The fsspec filesystem for ``url`` and the path inside it (protocol stripped).
+
+    Listings are never cached: other processes (Ray workers, the next run) add files to the folders
+    we list, and a cached listing would hide them (object stores' filesystems cache by default).
+    """
+    filesystem, path = fsspec.core.url_to_fs(str(url), use_listings_cache=False)
     return filesystem, path
 
 

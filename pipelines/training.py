@@ -44,8 +44,9 @@ class TrainingConfig:
     head_learning_rate: float = 1e-3
     warmup_ratio: float = 0.1
     max_length: int = 160
-    evaluations_per_epoch: int = 2
-    dev_depth: int = field(default=30, metadata={"help": "candidates reranked per dev query"})
+    evaluations_per_epoch: int = field(default=1, metadata={"help": "dev evaluations (model selection) per epoch"})
+    checkpoints_per_epoch: int = field(default=4, metadata={"help": "checkpoints per epoch (units of resume)"})
+    dev_depth: int = field(default=20, metadata={"help": "candidates reranked per dev query during training"})
     precision: str = field(default="auto", metadata={"help": "auto (bf16 where the CPU/GPU supports it), bf16 or fp32"})
     seed: int = 12
     max_steps: int = field(default=0, metadata={"help": "stop after this many steps (0 = epochs decide); for smoke tests"})
@@ -234,6 +235,7 @@ def train_cross_encoder(
     evaluation_steps = max(1, steps_per_round // max(1, config.evaluations_per_epoch))
     evaluator = autocast_reranking_evaluator(dev_samples, precision)
     loss = MultipleNegativesRankingLoss(model, num_negatives=config.random_negatives, scale=1.0, activation_fn=torch.nn.Identity())
+    checkpoint_steps = max(1, steps_per_round // max(1, config.checkpoints_per_epoch))
     arguments = CrossEncoderTrainingArguments(
         output_dir=os.path.join(output_folder, "checkpoints"),
         num_train_epochs=1,  # the dataset already holds one round of fresh negatives per epoch
@@ -247,18 +249,16 @@ def train_cross_encoder(
         eval_strategy="steps",
         eval_steps=evaluation_steps,
         save_strategy="steps",
-        save_steps=evaluation_steps,
-        save_total_limit=2,
-        load_best_model_at_end=True,
-        metric_for_best_model="eval_dev_ndcg@10",
-        greater_is_better=True,
-        logging_steps=max(1, evaluation_steps // 8),
+        save_steps=checkpoint_steps,
+        save_total_limit=1,
+        logging_steps=max(1, min(checkpoint_steps, 10)),
         seed=config.seed,
         data_seed=config.seed,
         dataloader_drop_last=True,
         report_to="none",
         disable_tqdm=False,
     )
+    best_folder = os.path.join(output_folder, "best")
     trainer = _TwoRateTrainer(
         head_learning_rate=config.head_learning_rate,
         model=model,
@@ -266,6 +266,7 @@ def train_cross_encoder(
         train_dataset=dataset,
         loss=loss,
         evaluator=evaluator,
+        callbacks=[_keep_best_callback(best_folder, "eval_dev_ndcg@10")],
     )
     checkpoints = os.path.join(output_folder, "checkpoints")
     resume = os.path.isdir(checkpoints) and any(name.startswith("checkpoint-") for name in os.listdir(checkpoints))
@@ -274,6 +275,12 @@ def train_cross_encoder(
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume or None)
     seconds = time.perf_counter() - started
+    if trainer.state.global_step % evaluation_steps:  # the last step was not evaluated yet
+        _keep_best(best_folder, "eval_dev_ndcg@10", trainer.evaluate(), trainer.model, trainer.state.global_step)
+    best = json.loads(open(os.path.join(best_folder, "best.json")).read())
+    from sentence_transformers import CrossEncoder
+
+    model = CrossEncoder(os.path.join(best_folder, "model"), max_length=config.max_length)
     model_folder = os.path.join(output_folder, "model")
     model.save(model_folder)
     history = trainer.state.log_history
@@ -283,12 +290,38 @@ def train_cross_encoder(
         "resumed": resume,
         "train_seconds": round(seconds, 1),
         "pairs_per_second": round(result.metrics.get("train_samples_per_second", 0.0) * (1 + config.hard_negatives + config.random_negatives), 2),
-        "best_checkpoint": trainer.state.best_model_checkpoint,
-        "best_dev_ndcg@10": trainer.state.best_metric,
+        "best_step": best["step"],
+        "best_dev_ndcg@10": best["value"],
         "loss_curve": [{"step": entry["step"], "loss": entry["loss"]} for entry in history if "loss" in entry],
         "dev_curve": [{"step": entry["step"], "ndcg@10": entry["eval_dev_ndcg@10"]} for entry in history if "eval_dev_ndcg@10" in entry],
         "model_folder": model_folder,
     }
+
+
+def _keep_best(folder: str, metric: str, metrics: dict, model, step: int) -> None:
+    """Save ``model`` to ``folder/model`` if ``metrics[metric]`` beats the best so far (kept in best.json)."""
+    if metric not in metrics:
+        return
+    record = os.path.join(folder, "best.json")
+    best = json.loads(open(record).read()) if os.path.exists(record) else None
+    if best is not None and metrics[metric] <= best["value"]:
+        return
+    model.save(os.path.join(folder, "model"))
+    with open(record + ".tmp", "w") as handle:
+        json.dump({"metric": metric, "value": float(metrics[metric]), "step": int(step)}, handle)
+    os.replace(record + ".tmp", record)
+
+
+def _keep_best_callback(folder: str, metric: str):
+    """A trainer callback that keeps the best model on dev; its record survives a resume."""
+    from transformers import TrainerCallback
+
+    class KeepBest(TrainerCallback):
+        def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
+            if model is not None and metrics:
+                _keep_best(folder, metric, metrics, model, state.global_step)
+
+    return KeepBest()
 
 
 def _head_parameter(name: str) -> bool:

@@ -23,7 +23,7 @@ from pipelines import index_store, storage
 from pipelines.documents import CorpusError
 from pipelines.index_store import load_index
 
-from conftest import DAMAGED_CORPUS_BUILD_FLAGS, REPOSITORY, SCIFACT, build_index_flags
+from conftest import DAMAGED_CORPUS_BUILD_FLAGS, REPOSITORY, SCIFACT, build_index_flags, synthetic_documents
 
 # --- helpers -------------------------------------------------------------------------------------
 
@@ -254,6 +254,17 @@ def test_the_job_on_s3(ray_session, tiny_bi_encoder, damaged_corpus, damaged_cor
 
     rerun = build_index_job(build_index_flags(corpus, root, tiny_bi_encoder, *DAMAGED_CORPUS_BUILD_FLAGS))
     assert (rerun["version_id"], rerun["embedded"], rerun["reused_embeddings"]) == (version, 0, 240)
+
+    # New documents arrive (the same process runs again, as a scheduler would): only they are embedded.
+    added = [{**document, "_id": f"new{number}"} for number, document in enumerate(synthetic_documents(20, seed=5))]
+    client.put_object(Bucket=bucket, Key="corpus/c.jsonl", Body="\n".join(json.dumps(document) for document in added).encode())
+    grown = build_index_job(build_index_flags(corpus, root, tiny_bi_encoder, *DAMAGED_CORPUS_BUILD_FLAGS))
+    assert grown["version_id"] != version
+    assert (grown["documents_read"], grown["indexed"], grown["embedded"], grown["reused_embeddings"]) == (274, 260, 20, 240)
+    loaded = load_index(root)
+    assert loaded.manifest["version_id"] == grown["version_id"]
+    assert loaded.doc_ids["id"].to_pylist() == damaged_corpus.indexed_ids + [document["_id"] for document in added]
+    assert [manifest["version_id"] for manifest in index_store.list_versions(root)] == [version, grown["version_id"]]
 
 
 # --- a two-node cluster builds the same index ----------------------------------------------------

@@ -1,0 +1,14 @@
+"""Benchmarks of the pipeline stages against what a user would write by hand.
+
+Each benchmark is a module run from the repository root and prints a table and writes JSON
+(``bench/results/<name>.json`` by default, git-ignored)::
+
+    python -m bench.embed   [--quick]   bi-encoder docs/s, memory and SciFact nDCG@10 per backend
+    python -m bench.index   [--quick]   flat vs IVF-PQ (+ exact re-scoring) on 1M synthetic vectors
+    python -m bench.rerank  [--quick]   cross-encoder pairs/s per backend
+
+:mod:`bench.common` holds the measurement plumbing (one process per variant, CPU time and memory
+of its process tree, interleaved rounds, tables, JSON); :mod:`bench.backends` the exported
+ONNX Runtime / OpenVINO models (fp32 and int8) that sentence-transformers cannot load here.
+See bench/README.md for what each benchmark measures and how to read it.
+"""

@@ -1,0 +1,488 @@
+"""Bi-encoder embedding on CPU: docs/s, CPU time, memory and SciFact nDCG@10 per backend.
+
+Variants (each in its own process, all with the same number of threads):
+
+- ``plain-fp32``: ``SentenceTransformer.encode`` in one process, fp32: what a user would write;
+- ``ray-fp32`` / ``ray-bf16``: our pipeline, ``pipelines.embedding.embed_documents`` (Ray Data actor
+  pool sized by ``plan_embedding_pool``) into an ``EmbeddingStore`` on a temporary folder, timed end to
+  end (planning, actor start and model load, embedding, Parquet write), on a local Ray instance;
+- ``torch-bf16``: ``pipelines.embedding.TextEncoder`` with ``precision="bf16"`` (CPU autocast);
+- ``onnx-fp32`` / ``onnx-int8`` / ``openvino-fp32`` / ``openvino-int8``: exported models
+  (:mod:`bench.backends`), batched like ``encode``.
+
+Throughput: the first ``--docs`` SciFact documents (title + " " + text, max length 256) are split into
+``--rounds`` slices; in each round every variant embeds the same slice, in rotated order, so that
+background load falls on all of them; ratios to ``plain-fp32`` are per round (median) and overall.
+Quality: each backend embeds ``--quality-docs`` documents (all 5,183 by default) and the 300 test
+queries; exact inner-product top-10; nDCG@10 with ir_measures. Vectors are cached per backend under
+``~/.cache/retrieval-pipelines/bench/embeddings/`` (the throughput documents go into the cache too),
+so a rerun only embeds what is missing.
+
+    python -m bench.embed --quick                         # smoke run, about two minutes
+    python -m bench.embed                                 # 2,000 docs x 8 variants + full-corpus nDCG
+    python -m bench.embed --variants plain-fp32,openvino-int8 --quality-docs 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench import backends
+from bench.common import (
+    RESULTS,
+    SciFact,
+    VariantProcess,
+    VectorCache,
+    environment_report,
+    exact_top_k,
+    file_digest,
+    format_table,
+    load_scifact,
+    median,
+    ndcg_at_10,
+    physical_cores,
+    prepare_environment,
+    rotated,
+    write_results,
+)
+
+VARIANTS = {
+    # name: (backend whose vectors it produces, what it is)
+    "plain-fp32": ("torch-fp32", "SentenceTransformer.encode, fp32, one process"),
+    "ray-fp32": ("torch-fp32", "pipelines.embedding.embed_documents (Ray Data actor pool), fp32"),
+    "torch-bf16": ("torch-bf16", "pipelines.embedding.TextEncoder, precision=bf16 (autocast)"),
+    "ray-bf16": ("torch-bf16", "pipelines.embedding.embed_documents, precision=bf16"),
+    "onnx-fp32": ("onnx-fp32", "ONNX Runtime, fused graph, fp32"),
+    "onnx-int8": ("onnx-int8", "ONNX Runtime, fused graph, dynamic int8 (per-channel weights)"),
+    "openvino-fp32": ("openvino-fp32", "OpenVINO, fp32"),
+    "openvino-int8": ("openvino-int8", "OpenVINO, static int8 (NNCF, 300 corpus docs + 100 train queries)"),
+}
+BASELINE = "plain-fp32"
+# Multiply-accumulate throughput assumed for the bound (per core per cycle, AVX-512 with two FMA pipes).
+FLOP_PER_CYCLE = {"fp32": 64, "bf16": 128, "int8": 256}
+
+
+# --------------------------------------------------------------------------- variants (built in their own process)
+
+
+class PlainEncoder:
+    """What a user would write: ``SentenceTransformer(path).encode(texts)``, fp32."""
+
+    def __init__(self, model_path: str, max_length: int, batch_size: int):
+        from sentence_transformers import SentenceTransformer
+
+        self.model = SentenceTransformer(model_path, device="cpu")
+        self.model.max_seq_length = max_length
+        self.batch_size = batch_size
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        return self.model.encode(texts, batch_size=self.batch_size, convert_to_numpy=True, show_progress_bar=False)
+
+
+class PipelineEncoder:
+    """``pipelines.embedding.TextEncoder`` (the code every embedding path uses) at a precision."""
+
+    def __init__(self, precision: str, max_length: int, batch_size: int, threads: int):
+        from pipelines.embedding import EmbeddingConfig, TextEncoder
+
+        config = EmbeddingConfig(model="bundled", precision=precision, max_seq_length=max_length, batch_size=batch_size, device="cpu")
+        self.encoder = TextEncoder(config, device="cpu", threads=threads)
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        return self.encoder.encode(texts)
+
+
+class RayPipeline:
+    """``embed_documents`` on a local Ray instance: payload (precision, ids, texts) → vectors in input order."""
+
+    def __init__(self, cpus: int, max_length: int, batch_size: int):
+        import ray
+        from ray.data import DataContext
+
+        ray.init(address="local", num_cpus=cpus, include_dashboard=False, configure_logging=False, log_to_driver=False,
+                 object_store_memory=512 * 1024 * 1024)
+        DataContext.get_current().enable_progress_bars = False
+        self.max_length = max_length
+        self.batch_size = batch_size
+
+    def __call__(self, payload: tuple[str, list[str], list[str]]) -> np.ndarray:
+        import pyarrow as pa
+        import ray
+
+        from pipelines import storage
+        from pipelines.documents import content_hash
+        from pipelines.embedding import EmbeddingConfig, EmbeddingStore, arrow_to_embeddings, embed_documents
+
+        precision, ids, texts = payload
+        config = EmbeddingConfig(model="bundled", precision=precision, max_seq_length=self.max_length, batch_size=self.batch_size, device="cpu")
+        table = pa.table({"id": ids, "text_hash": [content_hash(text) for text in texts], "content": texts})
+        folder = tempfile.mkdtemp(prefix="bench-embed-")
+        try:
+            store = EmbeddingStore(folder, config)
+            rows, _ = embed_documents(ray.data.from_arrow(table), store, config)
+            if rows != len(ids):
+                raise RuntimeError(f"embed_documents wrote {rows} rows for {len(ids)} documents")
+            by_id = {}
+            for part in store.parts():
+                stored = storage.read_parquet(part)
+                by_id.update(zip(stored["id"].to_pylist(), arrow_to_embeddings(stored["embedding"])))
+            return np.stack([by_id[identifier] for identifier in ids])
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def close(self) -> None:
+        import ray
+
+        ray.shutdown()
+
+
+class ExportedEncoder:
+    """An exported model (:mod:`bench.backends`) behind the same call."""
+
+    def __init__(self, model_path: str, folder: str, backend: str, threads: int, max_length: int, batch_size: int):
+        self.encoder = backends.ExportedBiEncoder(model_path, Path(folder), backend, threads, max_length, batch_size)
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        return self.encoder.encode(texts)
+
+
+# --------------------------------------------------------------------------- analysis
+
+
+def encoder_flops(length: np.ndarray, config: dict) -> np.ndarray:
+    """Forward FLOPs of a BERT encoder for sequences of ``length`` tokens (matrix products only)."""
+    hidden, ffn, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
+    length = np.asarray(length, dtype=np.float64)
+    per_layer = 2 * length * (4 * hidden * hidden + 2 * hidden * ffn) + 4 * length * length * hidden
+    return layers * per_layer
+
+
+def padding_analysis(lengths: np.ndarray, texts: list[str], batch_size: int, window: int, config: dict) -> list[dict]:
+    """FLOPs actually computed (batches padded to their longest) relative to the useful FLOPs, by batching."""
+    useful = encoder_flops(lengths, config).sum()
+    characters = np.array([len(text) for text in texts])
+
+    def computed(order: np.ndarray) -> float:
+        total = 0.0
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            total += len(rows) * encoder_flops(lengths[rows].max(), config)
+        return total
+
+    def windowed(size: int) -> np.ndarray:
+        parts = [start + np.argsort(-characters[start : start + size], kind="stable") for start in range(0, len(texts), size)]
+        return np.concatenate(parts)
+
+    rows = [
+        ("unsorted", np.arange(len(texts))),
+        (f"sorted within {window}-row Ray batches (pipeline)", windowed(window)),
+        (f"sorted over all {len(texts)} (one encode call)", np.argsort(-characters, kind="stable")),
+    ]
+    return [{"batching": name, "computed_over_useful": computed(order) / useful} for name, order in rows]
+
+
+def quality_subset(scifact: SciFact, count: int | None, seed: int = 0) -> list[int]:
+    """All documents, or the test queries' relevant ones plus a seeded sample of the rest (``count`` in all)."""
+    if count is None or count >= len(scifact.doc_ids):
+        return list(range(len(scifact.doc_ids)))
+    relevant = {doc_id for judged in scifact.qrels.values() for doc_id, score in judged.items() if score > 0}
+    chosen = [position for position, doc_id in enumerate(scifact.doc_ids) if doc_id in relevant]
+    others = [position for position, doc_id in enumerate(scifact.doc_ids) if doc_id not in relevant]
+    extra = max(0, count - len(chosen))
+    sample = np.random.default_rng(seed).choice(len(others), size=min(extra, len(others)), replace=False)
+    return sorted(chosen + [others[i] for i in sample])
+
+
+def _parse_quality(value: str) -> int | None:
+    if value == "all":
+        return None
+    count = int(value)
+    if count < 0:
+        raise argparse.ArgumentTypeError("--quality-docs must be all, 0 or a positive count")
+    return count
+
+
+def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smoke run: 128 docs in 2 rounds, nDCG on 600 docs")
+    parser.add_argument("--docs", type=int, default=2000, help="documents for the throughput measurement (0 = skip it)")
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds the throughput documents are split into")
+    parser.add_argument("--quality-docs", type=_parse_quality, default=None, metavar="all|N", help="documents for nDCG@10 (0 = skip) [all]")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, from: " + ", ".join(VARIANTS))
+    parser.add_argument("--threads", type=int, default=0, help="threads per variant (0 = all cores)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--calibration-docs", type=int, default=300, help="corpus documents to calibrate OpenVINO int8 on")
+    parser.add_argument("--output", default=str(RESULTS / "embed.json"))
+    arguments = parser.parse_args(argv)
+    if arguments.quick:
+        arguments.docs = min(arguments.docs, 128)
+        arguments.quality_docs = 600 if arguments.quality_docs is None else min(arguments.quality_docs, 600)
+    arguments.variants = [name.strip() for name in arguments.variants.split(",") if name.strip()]
+    unknown = [name for name in arguments.variants if name not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
+    if BASELINE not in arguments.variants:
+        arguments.variants.insert(0, BASELINE)
+    arguments.threads = arguments.threads or physical_cores()
+    return arguments
+
+
+# --------------------------------------------------------------------------- main
+
+
+def start_variants(arguments, model_path: str, export: Path | None) -> dict[str, VariantProcess]:
+    """One process per variant; the Ray variants share one process (one Ray instance), told the precision per call."""
+    workers: dict[str, VariantProcess] = {}
+    threads, length, batch = arguments.threads, arguments.max_length, arguments.batch_size
+    ray_worker = None
+    for name in arguments.variants:
+        started = time.perf_counter()
+        if name == "plain-fp32":
+            workers[name] = VariantProcess(name, PlainEncoder, model_path, length, batch, threads=threads)
+        elif name == "torch-bf16":
+            workers[name] = VariantProcess(name, PipelineEncoder, "bf16", length, batch, threads, threads=threads)
+        elif name.startswith("ray-"):
+            if ray_worker is None:
+                ray_worker = VariantProcess("ray", RayPipeline, threads, length, batch, threads=threads)
+            workers[name] = ray_worker
+        else:
+            workers[name] = VariantProcess(name, ExportedEncoder, model_path, str(export), name, threads, length, batch, threads=threads)
+        print(f"  started {name} in {time.perf_counter() - started:.1f} s (load {workers[name].load_s:.1f} s, threads {workers[name].thread_report})", flush=True)
+    return workers
+
+
+def run_call(worker: VariantProcess, name: str, ids: list[str], texts: list[str]):
+    if name.startswith("ray-"):
+        return worker.call((name.split("-", 1)[1], ids, texts))
+    return worker.call(texts)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    prepare_environment()
+    arguments = parse_arguments(argv)
+    from pipelines.models import resolve_model_reference
+
+    model_path = resolve_model_reference("bundled")
+    scifact = load_scifact()
+    environment = environment_report(arguments.threads)
+    print(f"{environment['cpu']}, {environment['cores']} cores, load {environment['load_average_at_start']}; variants: {', '.join(arguments.variants)}", flush=True)
+    model_digest = file_digest(Path(model_path) / "model.safetensors", extra={"max_length": arguments.max_length})
+
+    # Exports (cached) for the exported backends, calibrated on a seeded corpus sample plus train queries.
+    exported = [name for name in arguments.variants if name in backends.BACKENDS]
+    rng = np.random.default_rng(1)
+    calibration = [scifact.doc_texts[i] for i in sorted(rng.choice(len(scifact.doc_texts), arguments.calibration_docs, replace=False))]
+    calibration += scifact.train_query_texts[:100]
+    export_folder = None
+    export_seconds = 0.0
+    if exported:
+        started = time.perf_counter()
+        export_folder = backends.prepare(model_path, "bi-encoder", exported, calibration, arguments.max_length)
+        export_seconds = time.perf_counter() - started
+        print(f"exports ready in {export_seconds:.1f} s: {export_folder}", flush=True)
+
+    workers = start_variants(arguments, model_path, export_folder)
+    names = arguments.variants
+    results = {name: {"variant": name, "backend": VARIANTS[name][0], "what": VARIANTS[name][1], "wall_s": 0.0, "cpu_s": 0.0, "docs": 0,
+                      "rss_mib": 0.0, "pss_mib": 0.0, "process_rss_mib": 0.0, "processes": 0, "round_ratios": []} for name in names}
+    vectors: dict[str, list[np.ndarray]] = {name: [] for name in names}
+    try:
+        # Warm-up: one small call each (first-call kernel selection, Ray worker start), not timed.
+        warm_texts = scifact.doc_texts[:16]
+        for name in names:
+            run_call(workers[name], name, scifact.doc_ids[:16], warm_texts)
+
+        # Throughput: interleaved rounds over the same documents.
+        count = min(arguments.docs, len(scifact.doc_ids))
+        bounds = np.linspace(0, count, max(1, arguments.rounds) + 1).round().astype(int) if count else []
+        for round_index in range(len(bounds) - 1 if count else 0):
+            start, end = int(bounds[round_index]), int(bounds[round_index + 1])
+            ids, texts = scifact.doc_ids[start:end], scifact.doc_texts[start:end]
+            walls = {}
+            for name in rotated(names, round_index):
+                result = run_call(workers[name], name, ids, texts)
+                row = results[name]
+                row["wall_s"] += result.wall_s
+                row["cpu_s"] += result.cpu_s
+                row["docs"] += len(ids)
+                row["rss_mib"] = max(row["rss_mib"], result.peak_rss_mib)
+                row["pss_mib"] = max(row["pss_mib"], result.peak_pss_mib)
+                row["process_rss_mib"] = max(row["process_rss_mib"], result.peak_process_rss_mib)
+                row["processes"] = max(row["processes"], result.processes)
+                vectors[name].append(np.asarray(result.value, dtype=np.float32))
+                walls[name] = result.wall_s
+                print(f"  round {round_index + 1}: {name:<14} {len(ids) / result.wall_s:7.1f} docs/s  ({result.wall_s:6.1f} s wall, {result.cpu_s:6.1f} s CPU)", flush=True)
+            for name in names:
+                results[name]["round_ratios"].append(walls[BASELINE] / walls[name])
+
+        # Quality: per backend, through its direct variant; vectors cached between runs.
+        subset = quality_subset(scifact, arguments.quality_docs) if arguments.quality_docs != 0 else []
+        quality: dict[str, dict] = {}
+        direct = {}
+        for name in names:
+            if not name.startswith("ray-"):
+                direct.setdefault(VARIANTS[name][0], name)
+        for backend_name, name in direct.items():
+            cache = VectorCache(f"{backend_name}-{model_digest}")
+            if vectors[name]:
+                cache.put(scifact.doc_ids[:count], np.concatenate(vectors[name]))
+            if not subset:
+                cache.save()
+                continue
+            doc_ids = [scifact.doc_ids[i] for i in subset]
+            query_keys = [f"query:{query_id}" for query_id in scifact.query_ids]
+            missing_docs = cache.missing(doc_ids)
+            missing_queries = cache.missing(query_keys)
+            started = time.perf_counter()
+            for chunk in range(0, len(missing_docs), 512):
+                positions = missing_docs[chunk : chunk + 512]
+                cache.put([doc_ids[p] for p in positions], workers[name].call([scifact.doc_texts[subset[p]] for p in positions]).value)
+                cache.save()
+                print(f"  quality {backend_name}: {min(chunk + 512, len(missing_docs))}/{len(missing_docs)} missing docs embedded", flush=True)
+            if missing_queries:
+                cache.put([query_keys[p] for p in missing_queries], workers[name].call([scifact.query_texts[p] for p in missing_queries]).value)
+                cache.save()
+            document_vectors = cache.get(doc_ids)
+            query_vectors = cache.get(query_keys)
+            scores, top = exact_top_k(query_vectors, document_vectors, 10)
+            quality[backend_name] = {
+                "ndcg@10": ndcg_at_10(scifact.qrels, scifact.query_ids, doc_ids, top, scores),
+                "documents": len(doc_ids),
+                "embedded_now": len(missing_docs),
+                "embed_seconds": time.perf_counter() - started,
+            }
+            print(f"  quality {backend_name}: nDCG@10 {quality[backend_name]['ndcg@10']:.4f} on {len(doc_ids)} docs", flush=True)
+    finally:
+        for worker in {id(worker): worker for worker in workers.values()}.values():
+            worker.close()
+
+    # Agreement with plain fp32 on the throughput documents, and the memory of each variant's process.
+    reference = np.concatenate(vectors[BASELINE]) if vectors[BASELINE] else None
+    for name in names:
+        row = results[name]
+        worker = workers[name]
+        row["load_s"] = worker.load_s
+        row["threads"] = worker.thread_report
+        if not name.startswith("ray-"):
+            row["process_rss_mib"] = max(row["process_rss_mib"], worker.overall.peak_process_rss_mib, worker.max_rss_mib)
+            row["rss_mib"] = max(row["rss_mib"], worker.overall.peak_rss_mib, worker.max_rss_mib)
+            row["pss_mib"] = max(row["pss_mib"], worker.overall.peak_pss_mib)
+        if row["docs"]:
+            row["docs_per_s"] = row["docs"] / row["wall_s"]
+            row["docs_per_cpu_s"] = row["docs"] / row["cpu_s"]
+        if reference is not None and vectors[name]:
+            mine = np.concatenate(vectors[name])
+            cosine = (mine * reference).sum(1) / (np.linalg.norm(mine, axis=1) * np.linalg.norm(reference, axis=1))
+            row["cosine_min"], row["cosine_mean"] = float(cosine.min()), float(cosine.mean())
+    base = results[BASELINE]
+    for name in names:
+        row = results[name]
+        if row["docs"] and base["docs"]:
+            row["speedup"] = base["wall_s"] / row["wall_s"]
+            row["speedup_round_median"] = median(row["round_ratios"])
+            row["cpu_speedup"] = base["cpu_s"] / row["cpu_s"]
+        backend_quality = quality.get(row["backend"], {})
+        row["ndcg@10"] = backend_quality.get("ndcg@10")
+        if row["ndcg@10"] is not None and quality.get("torch-fp32"):
+            row["ndcg_delta"] = row["ndcg@10"] - quality["torch-fp32"]["ndcg@10"]
+    for name in names:
+        if name.startswith("ray-"):
+            same = "plain-fp32" if name == "ray-fp32" else "torch-bf16"
+            if same in results and results[same]["docs"] and results[name]["docs"]:
+                results[name]["vs_direct"] = results[same]["wall_s"] / results[name]["wall_s"]
+
+    # FLOPs per document and the bound they put on docs/s.
+    from transformers import AutoTokenizer
+
+    model_config = json.loads((Path(model_path) / "config.json").read_text())
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    sample_texts = scifact.doc_texts[: max(count, 1)] if count else scifact.doc_texts[:2000]
+    lengths = np.array([len(ids) for ids in tokenizer(sample_texts, truncation=True, max_length=arguments.max_length)["input_ids"]])
+    flops_per_doc = float(encoder_flops(lengths, model_config).mean())
+    padding = padding_analysis(lengths, sample_texts, arguments.batch_size, 256, model_config)
+    frequency_ghz = _cpu_ghz()
+    bounds_rows = []
+    for precision, per_cycle in FLOP_PER_CYCLE.items():
+        peak = arguments.threads * frequency_ghz * per_cycle * 1e9
+        bounds_rows.append({"precision": precision, "peak_gflops": peak / 1e9, "max_docs_per_s": peak / flops_per_doc})
+    for name in names:
+        row = results[name]
+        if row.get("docs_per_s"):
+            row["gflops"] = row["docs_per_s"] * flops_per_doc / 1e9
+            precision = "int8" if name.endswith("int8") else "bf16" if name.endswith("bf16") else "fp32"
+            peak = next(item["peak_gflops"] for item in bounds_rows if item["precision"] == precision)
+            row["peak_fraction"] = row["gflops"] / peak
+
+    rows = [results[name] for name in names]
+    table = format_table(rows, [
+        ("variant", "variant", ""),
+        ("docs_per_s", "docs/s", ".1f"),
+        ("speedup", "x plain", ".2f"),
+        ("speedup_round_median", "x plain (median round)", ".2f"),
+        ("docs_per_cpu_s", "docs/CPU-s", ".2f"),
+        ("cpu_speedup", "x plain (CPU)", ".2f"),
+        ("vs_direct", "Ray / direct", ".2f"),
+        ("process_rss_mib", "peak RSS MiB (largest proc)", ".0f"),
+        ("pss_mib", "peak PSS MiB (tree)", ".0f"),
+        ("processes", "procs", "d"),
+        ("load_s", "load s", ".1f"),
+        ("cosine_min", "cos vs fp32 min", ".4f"),
+        ("ndcg@10", "nDCG@10", ".4f"),
+        ("ndcg_delta", "delta nDCG", "+.4f"),
+        ("gflops", "GFLOP/s", ".0f"),
+        ("peak_fraction", "of peak", ".0%"),
+    ], title=f"bench.embed: {count} SciFact docs in {arguments.rounds} interleaved rounds, {arguments.threads} threads per variant, max length {arguments.max_length}, batch {arguments.batch_size}")
+    print()
+    print(table)
+    print()
+    print(format_table(padding, [("batching", "batching (batch 32)", ""), ("computed_over_useful", "FLOPs computed / useful", ".3f")],
+                       title=f"padding: {lengths.mean():.0f} tokens per doc on average ({(lengths == arguments.max_length).mean():.0%} truncated), {flops_per_doc / 1e9:.2f} GFLOP per doc"))
+    print()
+    print(format_table(bounds_rows, [("precision", "precision", ""), ("peak_gflops", "peak GFLOP/s", ".0f"), ("max_docs_per_s", "bound docs/s", ".0f")],
+                       title=f"bound: {arguments.threads} cores x {frequency_ghz:.2f} GHz x FLOP/cycle {FLOP_PER_CYCLE} (AVX-512, 2 FMA pipes)"))
+    if quality:
+        print()
+        print(format_table([{"backend": key, **value} for key, value in quality.items()],
+                           [("backend", "backend", ""), ("ndcg@10", "nDCG@10", ".4f"), ("documents", "docs", "d"), ("embedded_now", "embedded this run", "d"), ("embed_seconds", "s", ".0f")],
+                           title="quality: SciFact test (300 queries), exact inner-product top-10"))
+    payload = {
+        "benchmark": "embed",
+        "arguments": vars(arguments),
+        "environment": environment,
+        "model": model_path,
+        "export_folder": str(export_folder) if export_folder else None,
+        "export_seconds": export_seconds,
+        "flops_per_doc": flops_per_doc,
+        "tokens_per_doc": float(lengths.mean()),
+        "padding": padding,
+        "bounds": bounds_rows,
+        "cpu_ghz": frequency_ghz,
+        "variants": rows,
+        "quality": quality,
+        "table": table,
+    }
+    write_results(arguments.output, payload)
+    return payload
+
+
+def _cpu_ghz() -> float:
+    """Nominal clock from /proc/cpuinfo (the bound is only as good as this number)."""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("cpu MHz"):
+                return float(line.split(":", 1)[1]) / 1000
+    except OSError:
+        pass
+    return 2.5
+
+
+if __name__ == "__main__":
+    main()

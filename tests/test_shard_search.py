@@ -1,0 +1,165 @@
+"""First-stage search: merging across shards, exact re-scoring, fusion and final ranking (no Ray)."""
+
+from __future__ import annotations
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from pipelines.index_building import make_empty_index, shard_ranges, train_index
+from pipelines.index_store import IndexShard, deserialize_index
+from pipelines.reranking import fuse_scores, rank_candidates, standardize
+from pipelines.shard_search import SearchConfig, ShardSearcher, empty_candidates, exact_scores, merge_top_k
+
+
+def clustered_vectors(count: int, dimension: int, clusters: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(clusters, dimension)).astype(np.float32)
+    vectors = centers[rng.integers(0, clusters, size=count)] + 0.4 * rng.normal(size=(count, dimension)).astype(np.float32)
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def make_searcher(index: faiss.Index, vectors: np.ndarray, first_position: int, config: SearchConfig) -> ShardSearcher:
+    """A ShardSearcher over an in-memory shard (the constructor normally loads one from storage)."""
+    searcher = ShardSearcher.__new__(ShardSearcher)
+    searcher.shard = IndexShard(number=0, index=index, first_position=first_position, vectors=vectors)
+    searcher.config = config
+    searcher.candidates = max(config.top_k, config.rescoring_candidates or 2 * config.top_k) if config.exact_rescoring else config.top_k
+    return searcher
+
+
+def build_shards(vectors: np.ndarray, factory: str, shards: int, nprobe: int) -> list[tuple[faiss.Index, np.ndarray, int]]:
+    trained = train_index(factory, vectors, seed=1234)
+    built = []
+    for start, end in shard_ranges(len(vectors), shards):
+        index = deserialize_index(trained)
+        index.add_with_ids(vectors[start:end], np.arange(start, end, dtype=np.int64))
+        try:
+            faiss.extract_index_ivf(index).nprobe = nprobe
+        except RuntimeError:
+            pass
+        built.append((index, vectors[start:end], start))
+    return built
+
+
+def search_all(shards, queries: np.ndarray, config: SearchConfig, order=None) -> tuple[np.ndarray, np.ndarray]:
+    batch = {"query_embedding": queries}
+    for number in order or range(len(shards)):
+        index, vectors, first = shards[number]
+        batch = make_searcher(index, vectors, first, config)(batch)
+    return batch["candidate_positions"], batch["candidate_scores"]
+
+
+def test_merge_keeps_best_scores_and_pads():
+    positions, scores = empty_candidates(1, 3)
+    positions, scores = merge_top_k(positions, scores, np.array([[5, 7]]), np.array([[0.9, 0.1]], dtype=np.float32), 3)
+    assert positions.tolist() == [[5, 7, -1]]
+    positions, scores = merge_top_k(positions, scores, np.array([[2, 9]]), np.array([[0.5, 0.95]], dtype=np.float32), 3)
+    assert positions.tolist() == [[9, 5, 2]]
+    assert scores[0].tolist() == pytest.approx([0.95, 0.9, 0.5])
+
+
+def test_merge_breaks_ties_by_position_whatever_the_order():
+    a = (np.array([[4]]), np.array([[0.5]], dtype=np.float32))
+    b = (np.array([[3]]), np.array([[0.5]], dtype=np.float32))
+    first = merge_top_k(*a, *b, 2)[0]
+    second = merge_top_k(*b, *a, 2)[0]
+    assert first.tolist() == second.tolist() == [[3, 4]]
+
+
+def test_flat_shards_merged_equal_one_flat_search():
+    vectors = clustered_vectors(3000, 32, 20, seed=1)
+    queries = clustered_vectors(50, 32, 20, seed=2)
+    config = SearchConfig(top_k=20, exact_rescoring=False)
+    single = search_all(build_shards(vectors, "Flat", 1, 0), queries, config)
+    sharded = build_shards(vectors, "Flat", 4, 0)
+    merged = search_all(sharded, queries, config)
+    reversed_order = search_all(sharded, queries, config, order=[3, 2, 1, 0])
+    assert np.array_equal(merged[0], single[0])
+    assert np.allclose(merged[1], single[1], atol=1e-5)
+    assert np.array_equal(reversed_order[0], merged[0])
+
+
+def test_ivf_shards_merged_equal_single_shard_ivf_search():
+    vectors = clustered_vectors(4000, 32, 20, seed=3)
+    queries = clustered_vectors(40, 32, 20, seed=4)
+    config = SearchConfig(top_k=10, exact_rescoring=False)
+    single = search_all(build_shards(vectors, "IVF16,PQ8", 1, 4), queries, config)
+    merged = search_all(build_shards(vectors, "IVF16,PQ8", 3, 4), queries, config)
+    # Shards share the trained quantizer and codebooks, so a vector's approximate score does not depend on
+    # its shard: the merge of per-shard top-10s is the single index's top-10.
+    assert np.array_equal(merged[0], single[0])
+    assert np.allclose(merged[1], single[1], atol=1e-5)
+
+
+def test_exact_rescoring_recovers_the_flat_ranking():
+    vectors = clustered_vectors(6000, 64, 30, seed=5)
+    queries = clustered_vectors(100, 64, 30, seed=6)
+    truth = np.argsort(-(queries @ vectors.T), axis=1)[:, :10]
+    shards = build_shards(vectors, "IVF32,PQ16", 2, 32)
+    approximate = search_all(shards, queries, SearchConfig(top_k=10, exact_rescoring=False))[0]
+    rescored, scores = search_all(shards, queries, SearchConfig(top_k=10, exact_rescoring=True, rescoring_candidates=100))
+    exact_recall = np.mean([len(set(truth[i]) & set(rescored[i])) / 10 for i in range(len(queries))])
+    approximate_recall = np.mean([len(set(truth[i]) & set(approximate[i])) / 10 for i in range(len(queries))])
+    assert exact_recall >= 0.99
+    assert exact_recall > approximate_recall
+    expected = np.take_along_axis(queries @ vectors.T, rescored, axis=1)
+    assert np.allclose(scores, expected, atol=1e-5)
+
+
+def test_exact_scores_pads_missing_ids():
+    vectors = np.eye(3, dtype=np.float32)
+    scores = exact_scores(np.array([[1, 0, 0]], dtype=np.float32), vectors, np.array([[0, -1, 2]]))
+    assert scores[0, 0] == pytest.approx(1.0) and np.isneginf(scores[0, 1]) and scores[0, 2] == pytest.approx(0.0)
+
+
+def test_fusion_standardizes_within_each_query():
+    rerank = np.array([[10.0, 0.0, 5.0]])
+    first = np.array([[0.1, 0.3, 0.2]])
+    assert np.allclose(standardize(rerank).mean(), 0.0)
+    assert np.allclose(fuse_scores(rerank, first, 1.0), standardize(rerank))
+    assert np.allclose(fuse_scores(rerank, first, 0.0), standardize(first))
+
+
+def test_rank_candidates_reranks_the_head_and_keeps_the_tail_in_first_stage_order():
+    doc_ids = pa.array([f"doc{i}" for i in range(10)])
+    batch = {
+        "query_id": np.array(["q1", "q2"]),
+        "candidate_positions": np.array([[3, 1, 4, 5, 9], [2, 7, -1, -1, -1]]),
+        "candidate_scores": np.array([[0.9, 0.8, 0.7, 0.6, 0.5], [0.4, 0.3, -np.inf, -np.inf, -np.inf]], dtype=np.float32),
+        "rerank_scores": np.array([[0.0, 2.0, 1.0], [1.0, 5.0, np.nan]], dtype=np.float32),
+    }
+    table = rank_candidates(batch, doc_ids, fusion_weight=None)
+    q1 = table.filter(pa.compute.equal(table["query_id"], "q1")).to_pylist()
+    assert [row["doc_id"] for row in q1] == ["doc1", "doc4", "doc3", "doc5", "doc9"]
+    assert [row["rank"] for row in q1] == [1, 2, 3, 4, 5]
+    assert [row["first_stage_rank"] for row in q1] == [2, 3, 1, 4, 5]
+    assert [row["rerank_score"] for row in q1[3:]] == [None, None]
+    assert q1[0]["score"] == pytest.approx(2.0) and q1[3]["score"] == pytest.approx(0.6)
+    q2 = table.filter(pa.compute.equal(table["query_id"], "q2")).to_pylist()
+    assert [row["doc_id"] for row in q2] == ["doc7", "doc2"]
+    assert all(row["fused_score"] is None for row in q1 + q2)
+
+
+def test_rank_candidates_with_fusion_orders_by_fused_score():
+    doc_ids = pa.array(["a", "b", "c"])
+    batch = {
+        "query_id": np.array(["q"]),
+        "candidate_positions": np.array([[0, 1, 2]]),
+        "candidate_scores": np.array([[0.9, 0.5, 0.1]], dtype=np.float32),
+        "rerank_scores": np.array([[0.0, 1.0, 0.9]], dtype=np.float32),
+    }
+    rows = rank_candidates(batch, doc_ids, fusion_weight=0.5).to_pylist()
+    fused = fuse_scores(np.array([0.0, 1.0, 0.9]), np.array([0.9, 0.5, 0.1]), 0.5)
+    expected = [["a", "b", "c"][i] for i in np.argsort(-fused)]
+    assert [row["doc_id"] for row in rows] == expected
+    assert all(row["fused_score"] is not None for row in rows)
+    assert rows[0]["score"] == pytest.approx(float(np.max(fused)), abs=1e-5)
+
+
+def test_make_empty_index_wraps_flat_indexes_for_ids():
+    index = make_empty_index("Flat", 8)
+    index.add_with_ids(np.eye(8, dtype=np.float32), np.arange(100, 108, dtype=np.int64))
+    _, ids = index.search(np.eye(8, dtype=np.float32)[:1], 1)
+    assert ids[0, 0] == 100
