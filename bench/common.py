@@ -21,7 +21,6 @@ import json
 import multiprocessing
 import os
 import platform
-import resource
 import subprocess
 import sys
 import threading
@@ -60,23 +59,26 @@ def physical_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def set_threads(threads: int) -> dict[str, int]:
-    """Use ``threads`` threads in torch and faiss (whichever is installed); returns what each reports."""
+def set_threads(threads: int, import_missing: bool = True) -> dict[str, int]:
+    """Use ``threads`` threads in torch and faiss; returns what each reports.
+
+    With ``import_missing=False`` only libraries already imported are set, so that a variant that
+    does not use torch (ONNX Runtime, OpenVINO) is not charged torch's memory.
+    """
     report = {}
-    try:
-        import torch
-
-        torch.set_num_threads(threads)
-        report["torch_threads"] = torch.get_num_threads()
-    except ImportError:
-        pass
-    try:
-        import faiss
-
-        faiss.omp_set_num_threads(threads)
-        report["faiss_threads"] = faiss.omp_get_max_threads()
-    except ImportError:
-        pass
+    for module_name in ("torch", "faiss"):
+        if module_name not in sys.modules and not import_missing:
+            continue
+        try:
+            module = __import__(module_name)
+        except ImportError:
+            continue
+        if module_name == "torch":
+            module.set_num_threads(threads)
+            report["torch_threads"] = module.get_num_threads()
+        else:
+            module.omp_set_num_threads(threads)
+            report["faiss_threads"] = module.omp_get_max_threads()
     return report
 
 
@@ -210,6 +212,18 @@ def file_digest(*paths: Path | str, extra: Any = None) -> str:
 # --------------------------------------------------------------------------- processes
 
 
+def peak_resident_bytes(pid: int | str = "self") -> int:
+    """The kernel's high-water mark of a process's resident memory (VmHWM; reset by exec, unlike ru_maxrss)."""
+    try:
+        with open(f"/proc/{pid}/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 @dataclass
 class TreeUsage:
     """CPU seconds and memory peaks of a process tree over one sampled period."""
@@ -266,7 +280,7 @@ class TreeSampler:
                 else:
                     info = process.memory_info()
                 rss += info.rss
-                largest = max(largest, info.rss)
+                largest = max(largest, info.rss, peak_resident_bytes(process.pid))
             except psutil.Error:
                 continue
             count += 1
@@ -314,15 +328,18 @@ def _worker_main(connection, factory: Callable[..., Callable], args: tuple, thre
     os.environ.update(environment)
     prepare_environment()
     try:
-        set_threads(threads)
         started = time.perf_counter()
         target = factory(*args)
+        set_threads(threads, import_missing=False)
         connection.send(("ready", time.perf_counter() - started, set_threads_report(threads)))
     except BaseException:
         connection.send(("error", traceback.format_exc()))
         return
     while True:
-        message = connection.recv()
+        try:
+            message = connection.recv()
+        except EOFError:  # the parent is gone: nothing left to report to
+            return
         if message is None:
             break
         wall_started, cpu_started = time.perf_counter(), time.process_time()
@@ -335,7 +352,7 @@ def _worker_main(connection, factory: Callable[..., Callable], args: tuple, thre
     close = getattr(target, "close", None)
     if callable(close):
         close()
-    connection.send(("closed", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
+    connection.send(("closed", peak_resident_bytes() / MIB))
 
 
 def set_threads_report(threads: int) -> dict[str, int]:
@@ -362,7 +379,7 @@ class VariantProcess:
         self.threads = threads or physical_cores()
         context = multiprocessing.get_context("spawn")
         self.connection, child = context.Pipe()
-        self.process = context.Process(target=_worker_main, args=(child, factory, args, self.threads, environment or {}), name=f"bench-{name}", daemon=False)
+        self.process = context.Process(target=_worker_main, args=(child, factory, args, self.threads, environment or {}), name=f"bench-{name}", daemon=True)
         self.process.start()
         self.overall = TreeUsage()
         self.max_rss_mib = 0.0

@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime
 import time
 from dataclasses import dataclass, field
+from collections.abc import Iterator
 from typing import Any
 
 import pyarrow as pa
@@ -88,13 +89,20 @@ def _valid_query_keys(batch: pa.Table) -> pa.Table:
     return batch.filter(pc.is_null(batch["reason"])).select(["id", "order_key", "source_file", "source_row"])
 
 
-def _queries_to_run(batch: pa.Table, order_keys) -> pa.Table:
+def _queries_to_run(batch: pa.Table, order_keys, rows_per_block: int) -> Iterator[pa.Table]:
+    """The pending queries of a batch, in small blocks so they stream and spread over every actor.
+
+    (Yielding blocks here instead of a ``repartition`` avoids a whole-CPU task that a busy small
+    cluster could never schedule.)
+    """
     import ray
 
     if isinstance(order_keys, ray.ObjectRef):
         order_keys = ray.get(order_keys)
     chosen = batch.filter(pc.is_in(batch["order_key"], value_set=order_keys))
-    return pa.table({"query_id": chosen["id"], "query_text": chosen["content"]})
+    queries = pa.table({"query_id": chosen["id"], "query_text": chosen["content"]})
+    for start in range(0, queries.num_rows, rows_per_block):
+        yield queries.slice(start, rows_per_block)
 
 
 def _quarantined_queries(batch: pa.Table, duplicates) -> pa.Table:
@@ -169,11 +177,10 @@ def _retrieve_and_rerank(config, manifest, index_url, queries_url, corpus_url, o
         fusion_weight = read_fusion_weight(config.rerank.model)
     pipeline_started = time.perf_counter()
     if pending.num_rows:
-        # Small blocks stream through the stages and spread over every reranking actor.
         rows_per_block = max(1, min(config.search.queries_per_batch, 2048 // config.rerank.depth)) if config.rerank.enabled else config.search.queries_per_batch
         queries = validated.map_batches(
-            _queries_to_run, fn_args=(ray.put(pending["order_key"].combine_chunks()),), batch_format="pyarrow", num_cpus=0.25
-        ).repartition(target_num_rows_per_block=rows_per_block)
+            _queries_to_run, fn_args=(ray.put(pending["order_key"].combine_chunks()), rows_per_block), batch_format="pyarrow", num_cpus=0.25
+        )
         embedding = query_embedding_config(manifest, EmbeddingConfig(batch_size=64))
         flow = queries.map_batches(
             QueryEncoder,

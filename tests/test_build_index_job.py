@@ -154,6 +154,14 @@ def test_a_file_without_a_text_column_stops_the_job_naming_the_file(ray_session,
     assert not (tmp_path / "index").exists()
 
 
+def test_a_corpus_without_one_valid_row_stops_the_job(ray_session, tiny_bi_encoder, tmp_path):
+    corpus = tmp_path / "bad.jsonl"
+    corpus.write_text('{"_id": "a", "text": ""}\n{"_id": null, "text": "x"}\nnot json\n')
+    with pytest.raises(ValueError, match=f"{corpus}: no valid documents among 3 rows"):
+        build_index_job(build_index_flags(corpus, tmp_path / "index", tiny_bi_encoder))
+    assert not (tmp_path / "index").exists()
+
+
 # --- resume --------------------------------------------------------------------------------------
 
 
