@@ -66,7 +66,7 @@ def test_fusion_weight_recovers_a_planted_weight(planted):
     assert ndcg > 0.9
 
 
-def toy_training_data(count: int = 24):
+def toy_training_data(count: int = 24, rounds: int = 2):
     """Queries whose positive shares their words; negatives are from other topics."""
     rng = np.random.default_rng(5)
     queries, texts, examples = {}, {}, []
@@ -75,7 +75,7 @@ def toy_training_data(count: int = 24):
         queries[f"q{number}"] = " ".join(topic_words[:3])
         texts[f"p{number}"] = " ".join(rng.permutation(topic_words))
         texts[f"n{number}"] = " ".join(f"x{number}y{k}" for k in range(6))
-    for round_number in range(2):
+    for round_number in range(rounds):
         for number in range(count):
             negatives = [f"n{int(other)}" for other in rng.choice([i for i in range(count) if i != number], size=2, replace=False)]
             examples.append({"round": round_number, "query_id": f"q{number}", "positive": f"p{number}", "negatives": negatives})
@@ -106,11 +106,12 @@ def mean_loss(model_folder: str, examples, queries, texts) -> float:
 
 
 def test_a_few_training_steps_lower_the_loss(tiny_cross_encoder, tmp_path):
-    examples, queries, texts, dev = toy_training_data()
+    examples, queries, texts, dev = toy_training_data(rounds=8)
     before = mean_loss(tiny_cross_encoder, examples[:24], queries, texts)
-    result = train_cross_encoder(examples, queries, texts, dev, tiny_training_config(tiny_cross_encoder), str(tmp_path))
+    config = tiny_training_config(tiny_cross_encoder, encoder_learning_rate=1e-2, head_learning_rate=3e-2)
+    result = train_cross_encoder(examples, queries, texts, dev, config, str(tmp_path))
     after = mean_loss(result["model_folder"], examples[:24], queries, texts)
-    assert result["steps"] == 12
+    assert result["steps"] == 48
     assert after < before - 0.1
     assert result["loss_curve"] and os.path.exists(os.path.join(tmp_path, "best", "best.json"))
 
