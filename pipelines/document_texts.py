@@ -18,6 +18,7 @@ import pyarrow.compute as pc
 
 from pipelines.documents import CorpusConfig, read_corpus
 from pipelines.index_building import shard_ranges
+from pipelines.runtime import resolve_broadcast
 
 
 class DocumentTextPartition:
@@ -43,8 +44,7 @@ def route_rows(batch: pa.Table, doc_ids: pa.Table, partitions: list, bounds: lis
     """Ray Data batch function: send each indexed row's text to the partition that owns its position."""
     import ray
 
-    if isinstance(doc_ids, ray.ObjectRef):
-        doc_ids = ray.get(doc_ids)
+    doc_ids = resolve_broadcast(doc_ids)
     valid = batch.filter(pc.is_null(batch["reason"])).select(["id", "text_hash", "content"])
     matched = valid.join(doc_ids, ["id", "text_hash"], join_type="inner", use_threads=False)
     positions = matched["position"].to_numpy()
@@ -105,10 +105,7 @@ def load_document_texts(corpus_url: str, manifest: dict, doc_ids: pa.Table, part
 
 
 def _rows_with_ids(batch: pa.Table, ids) -> pa.Table:
-    import ray
-
-    if isinstance(ids, ray.ObjectRef):
-        ids = ray.get(ids)
+    ids = resolve_broadcast(ids)
     valid = batch.filter(pc.is_null(batch["reason"]))
     return valid.filter(pc.is_in(valid["id"], value_set=ids)).select(["id", "content", "order_key"])
 

@@ -376,3 +376,11 @@ def mark_duplicates(batch: pa.Table, duplicates: pa.Table) -> pa.Table:
     batch = batch.set_column(batch.schema.get_field_index("reason"), "reason", pa.array(reasons, pa.string()))
     batch = batch.set_column(batch.schema.get_field_index("field"), "field", pa.array(fields, pa.string()))
     return batch.set_column(batch.schema.get_field_index("raw"), "raw", pa.array(raws, pa.string()))
+
+
+def quarantined_rows(batch: pa.Table, duplicates: pa.Table) -> pa.Table:
+    """Ray Data batch function: the rows to quarantine (bad rows and later duplicates), quarantine columns only."""
+    from pipelines.runtime import resolve_broadcast
+
+    marked = mark_duplicates(batch, resolve_broadcast(duplicates))
+    return marked.filter(pc.is_valid(marked["reason"])).select(QUARANTINE_COLUMNS)

@@ -26,10 +26,10 @@ import pyarrow.parquet as pq
 import pipelines
 from pipelines import index_store, storage
 from pipelines.config import config_to_dict
-from pipelines.documents import QUARANTINE_COLUMNS, CorpusConfig, CorpusError, find_duplicate_ids, mark_duplicates, read_corpus
+from pipelines.documents import CorpusConfig, CorpusError, find_duplicate_ids, quarantined_rows, read_corpus
 from pipelines.embedding import EmbeddingConfig, EmbeddingStore, embed_documents, model_key
 from pipelines.index_building import IndexConfig, build_shards, choose_index_parameters, locate_vectors, version_fingerprint
-from pipelines.runtime import ensure_ray, format_table, worker_visible
+from pipelines.runtime import ensure_ray, format_table, resolve_broadcast, worker_visible
 
 
 @dataclass
@@ -55,16 +55,8 @@ def _valid_keys(batch: pa.Table) -> pa.Table:
     return valid.select(["id", "text_hash", "order_key", "source_file", "source_row"])
 
 
-def _resolve(value: Any) -> Any:
-    """Large broadcast values travel as object references; fused map stages do not resolve them."""
-    import ray
-
-    return ray.get(value) if isinstance(value, ray.ObjectRef) else value
-
-
 def _quarantined_rows(batch: pa.Table, duplicates: pa.Table, corpus_url: str, public_corpus: str) -> pa.Table:
-    marked = mark_duplicates(batch, _resolve(duplicates))
-    rows = marked.filter(pc.is_valid(marked["reason"])).select(QUARANTINE_COLUMNS)
+    rows = quarantined_rows(batch, duplicates)
     if corpus_url == public_corpus:
         return rows
     for column in ("source_file", "reason"):  # a duplicate's reason names the file of the kept copy
@@ -74,7 +66,7 @@ def _quarantined_rows(batch: pa.Table, duplicates: pa.Table, corpus_url: str, pu
 
 
 def _rows_to_embed(batch: pa.Table, order_keys: pa.Array) -> pa.Table:
-    return batch.filter(pc.is_in(batch["order_key"], value_set=_resolve(order_keys))).select(["id", "text_hash", "content"])
+    return batch.filter(pc.is_in(batch["order_key"], value_set=resolve_broadcast(order_keys))).select(["id", "text_hash", "content"])
 
 
 def collect(dataset) -> pa.Table:

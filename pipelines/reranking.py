@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
+from pipelines.runtime import resolve_broadcast
 from pipelines.models import choose_device, inference_context, resolve_model_reference, resolve_precision
 
 FUSION_FILE = "fusion.json"
@@ -119,10 +120,7 @@ class CrossEncoderScorer:
 
 def rank_candidates(batch: dict[str, np.ndarray], doc_ids: pa.Array, fusion_weight: float | None) -> pa.Table:
     """One output row per (query, candidate): final rank, both stages' scores and ranks."""
-    import ray
-
-    if isinstance(doc_ids, ray.ObjectRef):
-        doc_ids = ray.get(doc_ids)
+    doc_ids = resolve_broadcast(doc_ids)
     positions = np.asarray(batch["candidate_positions"])
     first_scores = np.asarray(batch["candidate_scores"], dtype=np.float32)
     rerank = batch.get("rerank_scores")

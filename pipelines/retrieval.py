@@ -24,10 +24,10 @@ import pyarrow.compute as pc
 from pipelines import index_store, storage
 from pipelines.config import config_to_dict
 from pipelines.document_texts import load_document_texts
-from pipelines.documents import QUARANTINE_COLUMNS, CorpusConfig, find_duplicate_ids, mark_duplicates, read_corpus
+from pipelines.documents import CorpusConfig, find_duplicate_ids, quarantined_rows, read_corpus
 from pipelines.embedding import EmbeddingConfig, plan_embedding_pool
 from pipelines.reranking import CrossEncoderScorer, RerankConfig, rank_candidates, read_fusion_weight
-from pipelines.runtime import ensure_ray, format_table, worker_visible
+from pipelines.runtime import ensure_ray, format_table, resolve_broadcast, worker_visible
 from pipelines.shard_search import QueryEncoder, SearchConfig, ShardSearcher, query_embedding_config
 
 
@@ -95,23 +95,10 @@ def _queries_to_run(batch: pa.Table, order_keys, rows_per_block: int) -> Iterato
     (Yielding blocks here instead of a ``repartition`` avoids a whole-CPU task that a busy small
     cluster could never schedule.)
     """
-    import ray
-
-    if isinstance(order_keys, ray.ObjectRef):
-        order_keys = ray.get(order_keys)
-    chosen = batch.filter(pc.is_in(batch["order_key"], value_set=order_keys))
+    chosen = batch.filter(pc.is_in(batch["order_key"], value_set=resolve_broadcast(order_keys)))
     queries = pa.table({"query_id": chosen["id"], "query_text": chosen["content"]})
     for start in range(0, queries.num_rows, rows_per_block):
         yield queries.slice(start, rows_per_block)
-
-
-def _quarantined_queries(batch: pa.Table, duplicates) -> pa.Table:
-    import ray
-
-    if isinstance(duplicates, ray.ObjectRef):
-        duplicates = ray.get(duplicates)
-    marked = mark_duplicates(batch, duplicates)
-    return marked.filter(pc.is_valid(marked["reason"])).select(QUARANTINE_COLUMNS)
 
 
 def finished_query_ids(output_url: str) -> set[str]:
@@ -163,7 +150,7 @@ def _retrieve_and_rerank(config, manifest, index_url, queries_url, corpus_url, o
     quarantine_url = storage.join_url(output_url, "quarantine")
     storage.remove_tree(quarantine_url)
     quarantined, _ = storage.write_parquet_parts(
-        validated.map_batches(_quarantined_queries, fn_args=(ray.put(duplicates),), batch_format="pyarrow"), quarantine_url, 100_000
+        validated.map_batches(quarantined_rows, fn_args=(ray.put(duplicates),), batch_format="pyarrow"), quarantine_url, 100_000
     )
     done = finished_query_ids(output_url)
     pending = keys.filter(pc.invert(pc.is_in(keys["id"], value_set=pa.array(sorted(done), pa.string()))))
@@ -212,9 +199,9 @@ def _retrieve_and_rerank(config, manifest, index_url, queries_url, corpus_url, o
                 num_gpus=pools.reranker_gpus,
             )
         ranked = flow.map_batches(rank_candidates, fn_args=(ray.put(doc_ids["id"].combine_chunks()), fusion_weight), batch_format="numpy", num_cpus=0.25)
-        written_rows, parts = storage.write_parquet_parts(ranked, output_url, config.rows_per_part)
+        written_rows, _ = storage.write_parquet_parts(ranked, output_url, config.rows_per_part)
     else:
-        written_rows, parts = 0, 0
+        written_rows = 0
     pipeline_seconds = time.perf_counter() - pipeline_started
     queries_run = pending.num_rows
     pairs = queries_run * min(config.rerank.depth, config.search.top_k) if config.rerank.enabled else 0

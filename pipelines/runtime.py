@@ -25,6 +25,17 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     DataContext.get_current().enable_progress_bars = True
 
 
+def resolve_broadcast(value):
+    """A value broadcast to Ray Data batch functions as an object reference, resolved.
+
+    Large lookup tables travel once through the object store (``ray.put``); stages that Ray fuses into
+    an actor do not resolve references passed in ``fn_args``, so every batch function calls this.
+    """
+    import ray
+
+    return ray.get(value) if isinstance(value, ray.ObjectRef) else value
+
+
 def is_process_local(url: str) -> bool:
     """True for storage that only this process can see (memory://): Ray workers would see it empty."""
     filesystem, _ = storage.filesystem_and_path(url)
