@@ -24,8 +24,8 @@ a digest of the source weights, the export settings and the runtime versions; ea
 whole (written under a temporary name, then renamed).
 
 Example:
-    >>> folder = prepare(source, "bi-encoder", ["onnx-int8"], calibration=texts)   # doctest: +SKIP
-    >>> encoder = load_bi_encoder(source, folder, "onnx-int8", threads=2, max_length=256)  # doctest: +SKIP
+    >>> paths = prepare(source, "bi-encoder", ["onnx-int8"])                            # doctest: +SKIP
+    >>> encoder = ExportedBiEncoder(source, paths["onnx-int8"], "onnx-int8", threads=2)  # doctest: +SKIP
     >>> encoder.encode(["a short text"]).shape                                       # doctest: +SKIP
     (1, 384)
 """
@@ -54,7 +54,7 @@ FILES = {
     "onnx-fp32": "model_fused.onnx",
     "onnx-int8": "model_fused_qint8.onnx",
     "openvino-fp32": "model.onnx",
-    "openvino-int8": "openvino_qint8.xml",
+    "openvino-int8": "openvino_qint8_{calibration}.xml",
 }
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 
@@ -69,26 +69,25 @@ def _versions() -> dict[str, str | None]:
     return versions
 
 
-def export_folder(source: str | Path, kind: str, calibration: Sequence | None = None, max_length: int = 256) -> Path:
-    """The cache folder for ``source``'s exports (named by weights, settings, calibration and versions)."""
+def export_folder(source: str | Path, kind: str) -> Path:
+    """The cache folder for ``source``'s exports (named by its weights, the export code and runtime versions)."""
     source = Path(source)
     if kind not in KINDS:
         raise ValueError(f"unknown model kind {kind!r}: use one of {KINDS}")
     weights = [source / name for name in ("model.safetensors", "pytorch_model.bin") if (source / name).exists()][:1]
     if not weights:
         raise FileNotFoundError(f"{source}: no model.safetensors or pytorch_model.bin")
-    extra = {"kind": kind, "version": EXPORT_VERSION, "versions": _versions(), "max_length": max_length, "calibration": file_digest_of(calibration)}
+    extra = {"kind": kind, "version": EXPORT_VERSION, "versions": _versions()}
     digest = file_digest(weights[0], source / "config.json", extra=extra)
     slug = source.name if source.name not in ("model", "") else source.parent.name
     return MODELS / f"{slug}-{kind}-{digest}"
 
 
-def file_digest_of(items: Sequence | None) -> str | None:
-    if not items:
-        return None
+def items_digest(items: Sequence, **settings) -> str:
+    """sha256 (16 hex digits) of JSON-able items and settings: names a calibrated artifact."""
     import hashlib
 
-    return hashlib.sha256(json.dumps(list(items)).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps([list(items), settings], sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _publish(temporary: Path, final: Path) -> None:
@@ -206,18 +205,18 @@ def quantize_onnx(source: str | Path, kind: str, folder: Path) -> Path:
 
 
 def quantize_openvino(source: str | Path, kind: str, folder: Path, calibration: Sequence, max_length: int) -> Path:
-    """Static int8 OpenVINO model (NNCF post-training quantization on ``calibration``): ``openvino_qint8.xml``."""
-    final = folder / FILES["openvino-int8"]
-    if final.exists():
-        return final
+    """Static int8 OpenVINO model (NNCF post-training quantization on ``calibration``): ``openvino_qint8_<digest>.xml``."""
     if not calibration:
         raise ValueError("OpenVINO int8 needs calibration texts (or (query, document) pairs)")
+    final = folder / FILES["openvino-int8"].format(calibration=items_digest(calibration, max_length=max_length))
+    if final.exists():
+        return final
     import nncf
     import openvino as ov
 
     plain = export_onnx(source, kind, folder)
-    tokenizer = load_tokenizer(source)
-    items = [tokenize(tokenizer, [item], max_length) for item in calibration]
+    tokenizer = load_tokenizer(source, max_length)
+    items = [tokenize(tokenizer, [item]) for item in calibration]
     quantized = nncf.quantize(ov.Core().read_model(str(plain)), nncf.Dataset(items), model_type=nncf.ModelType.TRANSFORMER, subset_size=len(items))
     with tempfile.TemporaryDirectory(dir=folder) as scratch:
         xml = Path(scratch) / final.name
@@ -227,46 +226,51 @@ def quantize_openvino(source: str | Path, kind: str, folder: Path, calibration: 
     return final
 
 
-def prepare(source: str | Path, kind: str, backends: Sequence[str], calibration: Sequence | None = None, max_length: int = 256) -> Path:
-    """Export (or find cached) every artifact ``backends`` need; returns the cache folder."""
+def prepare(source: str | Path, kind: str, backends: Sequence[str], calibration: Sequence | None = None, max_length: int = 256) -> dict[str, Path]:
+    """Export (or find cached) the model file of every backend in ``backends``: {backend: path}."""
     unknown = [name for name in backends if name not in BACKENDS]
     if unknown:
         raise ValueError(f"unknown backends {unknown}: use {BACKENDS}")
-    folder = export_folder(source, kind, calibration if "openvino-int8" in backends else None, max_length)
+    folder = export_folder(source, kind)
+    paths = {}
     for backend in backends:
         if backend == "onnx-fp32":
-            fuse_onnx(source, kind, folder)
+            paths[backend] = fuse_onnx(source, kind, folder)
         elif backend == "onnx-int8":
-            quantize_onnx(source, kind, folder)
+            paths[backend] = quantize_onnx(source, kind, folder)
         elif backend == "openvino-fp32":
-            export_onnx(source, kind, folder)
+            paths[backend] = export_onnx(source, kind, folder)
         elif backend == "openvino-int8":
-            quantize_openvino(source, kind, folder, calibration, max_length)
-    return folder
+            paths[backend] = quantize_openvino(source, kind, folder, calibration or [], max_length)
+    return paths
 
 
 # --------------------------------------------------------------------------- inference
 
 
-def load_tokenizer(source: str | Path):
-    from transformers import AutoTokenizer
+def load_tokenizer(source: str | Path, max_length: int):
+    """The model's fast tokenizer (``tokenizers``, no torch), truncating to ``max_length``, padding to the batch's longest."""
+    from tokenizers import Tokenizer
 
-    return AutoTokenizer.from_pretrained(str(source))
+    tokenizer = Tokenizer.from_file(str(Path(source) / "tokenizer.json"))
+    padding = tokenizer.padding or {}
+    tokenizer.enable_truncation(max_length=max_length, strategy="longest_first")
+    tokenizer.enable_padding(pad_id=padding.get("pad_id", 0), pad_type_id=padding.get("pad_type_id", 0), pad_token=padding.get("pad_token", "[PAD]"))
+    return tokenizer
 
 
-def tokenize(tokenizer, items: Sequence, max_length: int) -> dict[str, np.ndarray]:
-    """Texts, or (query, document) pairs truncated longest-first, padded to the batch's longest."""
-    if items and isinstance(items[0], (tuple, list)):
-        encoded = tokenizer([a for a, _ in items], [b for _, b in items], padding=True, truncation=True, max_length=max_length, return_tensors="np")
-    else:
-        encoded = tokenizer(list(items), padding=True, truncation=True, max_length=max_length, return_tensors="np")
-    features = {name: np.asarray(encoded[name], dtype=np.int64) for name in INPUT_NAMES if name in encoded}
-    features.setdefault("token_type_ids", np.zeros_like(features["input_ids"]))
-    return features
+def tokenize(tokenizer, items: Sequence) -> dict[str, np.ndarray]:
+    """Texts, or (query, document) pairs (truncated longest-first), as int64 model inputs."""
+    encodings = tokenizer.encode_batch([tuple(item) if isinstance(item, (tuple, list)) else item for item in items])
+    return {
+        "input_ids": np.array([encoding.ids for encoding in encodings], dtype=np.int64),
+        "attention_mask": np.array([encoding.attention_mask for encoding in encodings], dtype=np.int64),
+        "token_type_ids": np.array([encoding.type_ids for encoding in encodings], dtype=np.int64),
+    }
 
 
 class OnnxRuntimeModel:
-    """An ONNX Runtime CPU session with ``threads`` intra-op threads."""
+    """An ONNX Runtime CPU session with ``threads`` intra-op threads (not spinning when OMP_WAIT_POLICY=PASSIVE)."""
 
     def __init__(self, path: Path, threads: int):
         import onnxruntime as ort
@@ -275,6 +279,8 @@ class OnnxRuntimeModel:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE":  # same idle-thread policy as torch and faiss
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.inputs = [item.name for item in self.session.get_inputs()]
 
@@ -283,7 +289,12 @@ class OnnxRuntimeModel:
 
 
 class OpenVinoModel:
-    """An OpenVINO model compiled for the CPU with ``threads`` threads, latency mode, fp32 for what is not int8."""
+    """An OpenVINO model compiled for the CPU: ``threads`` threads, latency mode, fp32 for what is not int8.
+
+    Threads are not pinned to cores (OpenVINO pins by default on Linux; torch and ONNX Runtime do
+    not): on a shared machine a pinned thread waits for its busy core, which made OpenVINO 2-4x
+    slower in wall time here, at the same CPU time.
+    """
 
     def __init__(self, path: Path, threads: int):
         import openvino as ov
@@ -293,6 +304,7 @@ class OpenVinoModel:
             "INFERENCE_NUM_THREADS": threads,
             "PERFORMANCE_HINT": "LATENCY",
             "INFERENCE_PRECISION_HINT": "f32",
+            "ENABLE_CPU_PINNING": False,
         })
         self.inputs = [port.get_any_name() for port in self.compiled.inputs]
 
@@ -300,20 +312,26 @@ class OpenVinoModel:
         return self.compiled({name: features[name] for name in self.inputs})[0]
 
 
-def load_runtime(folder: Path, backend: str, threads: int):
-    path = folder / FILES[backend]
+def load_runtime(path: str | Path, threads: int, runtime: str):
+    """``runtime`` ``onnxruntime`` or ``openvino`` on a model file (OpenVINO also reads ``.onnx``)."""
+    path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: not exported; call bench.backends.prepare first")
-    return OnnxRuntimeModel(path, threads) if backend.startswith("onnx") else OpenVinoModel(path, threads)
+    if runtime not in ("onnxruntime", "openvino"):
+        raise ValueError(f"unknown runtime {runtime!r}: use onnxruntime or openvino")
+    return OnnxRuntimeModel(path, threads) if runtime == "onnxruntime" else OpenVinoModel(path, threads)
+
+
+def runtime_of(backend: str) -> str:
+    return "onnxruntime" if backend.startswith("onnx") else "openvino"
 
 
 class ExportedBiEncoder:
     """``encode(texts)`` like ``SentenceTransformer.encode`` (length-sorted batches) on an exported model."""
 
-    def __init__(self, source: str | Path, folder: Path, backend: str, threads: int, max_length: int = 256, batch_size: int = 32):
-        self.model = load_runtime(folder, backend, threads)
-        self.tokenizer = load_tokenizer(source)
-        self.max_length = max_length
+    def __init__(self, source: str | Path, path: str | Path, backend: str, threads: int, max_length: int = 256, batch_size: int = 32):
+        self.model = load_runtime(path, threads, runtime_of(backend))
+        self.tokenizer = load_tokenizer(source, max_length)
         self.batch_size = batch_size
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
@@ -321,7 +339,7 @@ class ExportedBiEncoder:
         vectors: np.ndarray | None = None
         for start in range(0, len(texts), self.batch_size):
             rows = order[start : start + self.batch_size]
-            output = self.model(tokenize(self.tokenizer, [texts[row] for row in rows], self.max_length))
+            output = self.model(tokenize(self.tokenizer, [texts[row] for row in rows]))
             if vectors is None:
                 vectors = np.zeros((len(texts), output.shape[1]), dtype=np.float32)
             vectors[rows] = output
@@ -331,10 +349,9 @@ class ExportedBiEncoder:
 class ExportedCrossEncoder:
     """``score(pairs)``: raw logits of (query, document) pairs, batched like ``CrossEncoder.predict``."""
 
-    def __init__(self, source: str | Path, folder: Path, backend: str, threads: int, max_length: int = 256, batch_size: int = 32):
-        self.model = load_runtime(folder, backend, threads)
-        self.tokenizer = load_tokenizer(source)
-        self.max_length = max_length
+    def __init__(self, source: str | Path, path: str | Path, backend: str, threads: int, max_length: int = 256, batch_size: int = 32):
+        self.model = load_runtime(path, threads, runtime_of(backend))
+        self.tokenizer = load_tokenizer(source, max_length)
         self.batch_size = batch_size
 
     def score(self, pairs: Sequence[tuple[str, str]]) -> np.ndarray:
@@ -342,7 +359,7 @@ class ExportedCrossEncoder:
         scores = np.zeros(len(pairs), dtype=np.float32)
         for start in range(0, len(pairs), self.batch_size):
             rows = order[start : start + self.batch_size]
-            scores[rows] = self.model(tokenize(self.tokenizer, [pairs[row] for row in rows], self.max_length)).reshape(len(rows), -1)[:, 0]
+            scores[rows] = self.model(tokenize(self.tokenizer, [pairs[row] for row in rows])).reshape(len(rows), -1)[:, 0]
         return scores
 
 

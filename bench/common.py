@@ -41,11 +41,17 @@ MIB = 1024 * 1024
 
 
 def prepare_environment() -> None:
-    """Offline model loading and quiet progress bars, for this process and the ones it starts.
+    """Offline model loading, quiet progress bars and sleeping (not spinning) idle threads, for this
+    process and the ones it starts; call it before torch or faiss is imported.
 
     Only sets what is unset: an OPENBLAS_CORETYPE or thread setting from the caller stays as it is.
+    ``OMP_WAIT_POLICY=PASSIVE`` (and ONNX Runtime without spinning, see bench.backends) matters on a
+    shared machine: with more runnable threads than cores, OpenMP threads that spin at each barrier
+    waiting for a descheduled partner made faiss k-means 3x slower here; every variant, baseline
+    included, runs with the same policy. Set OMP_WAIT_POLICY=ACTIVE to measure the default.
     """
     for name, value in (
+        ("OMP_WAIT_POLICY", "PASSIVE"),
         ("HF_HUB_OFFLINE", "1"),
         ("TRANSFORMERS_OFFLINE", "1"),
         ("RAY_DATA_DISABLE_PROGRESS_BARS", "1"),
@@ -250,6 +256,7 @@ class TreeSampler:
         self.pss_every = pss_every
         self.first_cpu: dict[int, float] = {}
         self.last_cpu: dict[int, float] = {}
+        self.names: dict[int, str] = {}
         self.usage = TreeUsage()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -284,6 +291,8 @@ class TreeSampler:
             except psutil.Error:
                 continue
             count += 1
+            if self.names.get(process.pid, "ray::IDLE") == "ray::IDLE":  # Ray renames a worker once it runs something
+                self.names[process.pid] = _process_role(process)
             self.first_cpu.setdefault(process.pid, cpu if initial else 0.0)
             self.last_cpu[process.pid] = cpu
         self._samples += 1
@@ -310,6 +319,32 @@ class TreeSampler:
         self._sample()
         self.usage.cpu_s = sum(self.last_cpu[pid] - self.first_cpu.get(pid, 0.0) for pid in self.last_cpu)
 
+    def cpu_by_role(self) -> dict[str, float]:
+        """CPU seconds of the sampled period by process role (the root is ``main``), largest first."""
+        totals: dict[str, float] = {}
+        for pid, last in self.last_cpu.items():
+            role = "main" if pid == self.root.pid else self.names.get(pid, "?")
+            totals[role] = totals.get(role, 0.0) + last - self.first_cpu.get(pid, 0.0)
+        return dict(sorted(totals.items(), key=lambda item: -item[1]))
+
+
+def _process_role(process) -> str:
+    """A short name for a process: Ray's title (``ray::MapWorker(...)``, ``raylet``) or the program."""
+    try:
+        arguments = process.cmdline()
+    except Exception:
+        return "?"
+    if not arguments:
+        return "?"
+    first = arguments[0]
+    if first.startswith("ray::"):
+        return first.split(" ")[0]
+    program = first.rsplit("/", 1)[-1]
+    if program.startswith("python") and len(arguments) > 1:
+        script = next((item for item in arguments[1:] if item.endswith(".py")), arguments[-1])
+        return f"python {script.rsplit('/', 1)[-1]}"
+    return program
+
 
 @dataclass
 class CallResult:
@@ -322,6 +357,7 @@ class CallResult:
     peak_pss_mib: float
     peak_process_rss_mib: float
     processes: int
+    cpu_by_role: dict[str, float] = field(default_factory=dict)
 
 
 def _worker_main(connection, factory: Callable[..., Callable], args: tuple, threads: int, environment: dict[str, str]) -> None:
@@ -410,7 +446,8 @@ class VariantProcess:
         cpu_s = own_cpu_s + max(0.0, sampler.usage.cpu_s - root_cpu)
         usage = sampler.usage
         return CallResult(value=value, wall_s=wall_s, cpu_s=cpu_s, peak_rss_mib=usage.peak_rss_mib, peak_pss_mib=usage.peak_pss_mib,
-                          peak_process_rss_mib=usage.peak_process_rss_mib, processes=usage.peak_processes)
+                          peak_process_rss_mib=usage.peak_process_rss_mib, processes=usage.peak_processes,
+                          cpu_by_role={role: seconds for role, seconds in sampler.cpu_by_role().items() if role != "main"} | {"main": own_cpu_s})
 
     def close(self) -> None:
         if not self.process.is_alive():
@@ -420,6 +457,44 @@ class VariantProcess:
         if reply[0] == "closed":
             self.max_rss_mib = reply[1]
         self.process.join(timeout=60)
+
+
+class GemmProbe:
+    """Single-thread matrix-product throughput per CPU-second in torch: fp32, bf16 and int8 (``torch._int_mm``).
+
+    The empirical ceiling a transformer's matrix products can reach on this CPU with these kernels,
+    measured per CPU-second so that background load does not lower it. Run it in its own process
+    with one thread: ``VariantProcess("gemm", GemmProbe, threads=1).call(None).value``.
+    """
+
+    def __init__(self, size: int = 2048, seconds: float = 1.5):
+        self.size = size
+        self.seconds = seconds
+
+    def __call__(self, _payload: Any) -> dict[str, float]:
+        import torch
+
+        size = self.size
+        results = {}
+        cases = {
+            "fp32": (lambda: torch.randn(size, size), torch.matmul),
+            "bf16": (lambda: torch.randn(size, size, dtype=torch.bfloat16), torch.matmul),
+            "int8": (lambda: torch.randint(-127, 127, (size, size), dtype=torch.int8), getattr(torch, "_int_mm", None)),
+        }
+        for precision, (make, product) in cases.items():
+            if product is None:
+                continue
+            a, b = make(), make()
+            try:
+                product(a, b)
+            except RuntimeError:
+                continue
+            cpu_started, wall_started, repetitions = time.process_time(), time.perf_counter(), 0
+            while time.perf_counter() - wall_started < self.seconds:
+                product(a, b)
+                repetitions += 1
+            results[precision] = 2 * size**3 * repetitions / (time.process_time() - cpu_started) / 1e9
+        return results
 
 
 def rotated(names: Sequence[str], round_index: int) -> list[str]:

@@ -39,6 +39,7 @@ from bench.common import (
     RESULTS,
     SciFact,
     VariantProcess,
+    GemmProbe,
     VectorCache,
     environment_report,
     exact_top_k,
@@ -66,8 +67,6 @@ VARIANTS = {
     "openvino-int8": ("openvino-int8", "OpenVINO, static int8 (NNCF, 300 corpus docs + 100 train queries)"),
 }
 BASELINE = "plain-fp32"
-# Multiply-accumulate throughput assumed for the bound (per core per cycle, AVX-512 with two FMA pipes).
-FLOP_PER_CYCLE = {"fp32": 64, "bf16": 128, "int8": 256}
 
 
 # --------------------------------------------------------------------------- variants (built in their own process)
@@ -147,8 +146,8 @@ class RayPipeline:
 class ExportedEncoder:
     """An exported model (:mod:`bench.backends`) behind the same call."""
 
-    def __init__(self, model_path: str, folder: str, backend: str, threads: int, max_length: int, batch_size: int):
-        self.encoder = backends.ExportedBiEncoder(model_path, Path(folder), backend, threads, max_length, batch_size)
+    def __init__(self, model_path: str, path: str, backend: str, threads: int, max_length: int, batch_size: int):
+        self.encoder = backends.ExportedBiEncoder(model_path, path, backend, threads, max_length, batch_size)
 
     def __call__(self, texts: list[str]) -> np.ndarray:
         return self.encoder.encode(texts)
@@ -210,6 +209,10 @@ def _parse_quality(value: str) -> int | None:
     return count
 
 
+def row_docs(row: dict) -> int:
+    return int(row.get("docs", 0))
+
+
 def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smoke run: 128 docs in 2 rounds, nDCG on 600 docs")
@@ -239,7 +242,7 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
 # --------------------------------------------------------------------------- main
 
 
-def start_variants(arguments, model_path: str, export: Path | None) -> dict[str, VariantProcess]:
+def start_variants(arguments, model_path: str, exports: dict[str, Path]) -> dict[str, VariantProcess]:
     """One process per variant; the Ray variants share one process (one Ray instance), told the precision per call."""
     workers: dict[str, VariantProcess] = {}
     threads, length, batch = arguments.threads, arguments.max_length, arguments.batch_size
@@ -255,7 +258,7 @@ def start_variants(arguments, model_path: str, export: Path | None) -> dict[str,
                 ray_worker = VariantProcess("ray", RayPipeline, threads, length, batch, threads=threads)
             workers[name] = ray_worker
         else:
-            workers[name] = VariantProcess(name, ExportedEncoder, model_path, str(export), name, threads, length, batch, threads=threads)
+            workers[name] = VariantProcess(name, ExportedEncoder, model_path, str(exports[name]), name, threads, length, batch, threads=threads)
         print(f"  started {name} in {time.perf_counter() - started:.1f} s (load {workers[name].load_s:.1f} s, threads {workers[name].thread_report})", flush=True)
     return workers
 
@@ -282,15 +285,15 @@ def main(argv: list[str] | None = None) -> dict:
     rng = np.random.default_rng(1)
     calibration = [scifact.doc_texts[i] for i in sorted(rng.choice(len(scifact.doc_texts), arguments.calibration_docs, replace=False))]
     calibration += scifact.train_query_texts[:100]
-    export_folder = None
+    exports: dict[str, Path] = {}
     export_seconds = 0.0
     if exported:
         started = time.perf_counter()
-        export_folder = backends.prepare(model_path, "bi-encoder", exported, calibration, arguments.max_length)
+        exports = backends.prepare(model_path, "bi-encoder", exported, calibration, arguments.max_length)
         export_seconds = time.perf_counter() - started
-        print(f"exports ready in {export_seconds:.1f} s: {export_folder}", flush=True)
+        print(f"exports ready in {export_seconds:.1f} s: {sorted(str(path) for path in exports.values())}", flush=True)
 
-    workers = start_variants(arguments, model_path, export_folder)
+    workers = start_variants(arguments, model_path, exports)
     names = arguments.variants
     results = {name: {"variant": name, "backend": VARIANTS[name][0], "what": VARIANTS[name][1], "wall_s": 0.0, "cpu_s": 0.0, "docs": 0,
                       "rss_mib": 0.0, "pss_mib": 0.0, "process_rss_mib": 0.0, "processes": 0, "round_ratios": []} for name in names}
@@ -321,6 +324,10 @@ def main(argv: list[str] | None = None) -> dict:
                 row["pss_mib"] = max(row["pss_mib"], result.peak_pss_mib)
                 row["process_rss_mib"] = max(row["process_rss_mib"], result.peak_process_rss_mib)
                 row["processes"] = max(row["processes"], result.processes)
+                if name.startswith("ray-"):
+                    breakdown = row.setdefault("cpu_by_process", {})
+                    for role, seconds in result.cpu_by_role.items():
+                        breakdown[role] = breakdown.get(role, 0.0) + seconds
                 vectors[name].append(np.asarray(result.value, dtype=np.float32))
                 walls[name] = result.wall_s
                 print(f"  round {round_index + 1}: {name:<14} {len(ids) / result.wall_s:7.1f} docs/s  ({result.wall_s:6.1f} s wall, {result.cpu_s:6.1f} s CPU)", flush=True)
@@ -335,7 +342,9 @@ def main(argv: list[str] | None = None) -> dict:
             if not name.startswith("ray-"):
                 direct.setdefault(VARIANTS[name][0], name)
         for backend_name, name in direct.items():
-            cache = VectorCache(f"{backend_name}-{model_digest}")
+            # Torch backends are keyed by the model file; exported ones by the exported file itself.
+            key = file_digest(exports[backend_name], extra={"max_length": arguments.max_length}) if backend_name in exports else model_digest
+            cache = VectorCache(f"{backend_name}-{key}")
             if vectors[name]:
                 cache.put(scifact.doc_ids[:count], np.concatenate(vectors[name]))
             if not subset:
@@ -382,6 +391,7 @@ def main(argv: list[str] | None = None) -> dict:
         if row["docs"]:
             row["docs_per_s"] = row["docs"] / row["wall_s"]
             row["docs_per_cpu_s"] = row["docs"] / row["cpu_s"]
+            row["cores_busy"] = row["cpu_s"] / row["wall_s"]
         if reference is not None and vectors[name]:
             mine = np.concatenate(vectors[name])
             cosine = (mine * reference).sum(1) / (np.linalg.norm(mine, axis=1) * np.linalg.norm(reference, axis=1))
@@ -416,20 +426,25 @@ def main(argv: list[str] | None = None) -> dict:
     lengths = np.array([len(ids) for ids in tokenizer(sample_texts, truncation=True, max_length=arguments.max_length)["input_ids"]])
     flops_per_doc = float(encoder_flops(lengths, model_config).mean())
     padding = padding_analysis(lengths, sample_texts, arguments.batch_size, 256, model_config)
-    frequency_ghz = _cpu_ghz()
-    bounds_rows = []
-    for precision, per_cycle in FLOP_PER_CYCLE.items():
-        peak = arguments.threads * frequency_ghz * per_cycle * 1e9
-        bounds_rows.append({"precision": precision, "peak_gflops": peak / 1e9, "max_docs_per_s": peak / flops_per_doc})
+    probe = VariantProcess("gemm", GemmProbe, threads=1)
+    ceilings = probe.call(None).value
+    probe.close()
+    bounds_rows = [
+        {"precision": precision, "gemm_gflop_per_cpu_s": gflops, "max_docs_per_cpu_s": gflops * 1e9 / flops_per_doc,
+         "max_docs_per_s": arguments.threads * gflops * 1e9 / flops_per_doc, "max_speedup": gflops * 1e9 / flops_per_doc / results[BASELINE]["docs_per_cpu_s"] if results[BASELINE].get("docs_per_cpu_s") else None}
+        for precision, gflops in ceilings.items()
+    ]
     for name in names:
         row = results[name]
         if row.get("docs_per_s"):
-            row["gflops"] = row["docs_per_s"] * flops_per_doc / 1e9
+            row["gflop_per_cpu_s"] = row["docs_per_cpu_s"] * flops_per_doc / 1e9
             precision = "int8" if name.endswith("int8") else "bf16" if name.endswith("bf16") else "fp32"
-            peak = next(item["peak_gflops"] for item in bounds_rows if item["precision"] == precision)
-            row["peak_fraction"] = row["gflops"] / peak
+            if precision in ceilings:
+                row["of_ceiling"] = row["gflop_per_cpu_s"] / ceilings[precision]
 
     rows = [results[name] for name in names]
+    title = (f"bench.embed: {count} SciFact docs in {arguments.rounds} interleaved rounds, {arguments.threads} threads per variant, "
+             f"max length {arguments.max_length}, batch {arguments.batch_size}")
     table = format_table(rows, [
         ("variant", "variant", ""),
         ("docs_per_s", "docs/s", ".1f"),
@@ -437,27 +452,42 @@ def main(argv: list[str] | None = None) -> dict:
         ("speedup_round_median", "x plain (median round)", ".2f"),
         ("docs_per_cpu_s", "docs/CPU-s", ".2f"),
         ("cpu_speedup", "x plain (CPU)", ".2f"),
+        ("cores_busy", "cores busy", ".2f"),
         ("vs_direct", "Ray / direct", ".2f"),
         ("overhead_s", "Ray job overhead s", ".1f"),
         ("vs_direct_steady", "Ray / direct w/o overhead", ".2f"),
+        ("gflop_per_cpu_s", "GFLOP/CPU-s", ".0f"),
+        ("of_ceiling", "of GEMM ceiling", ".0%"),
+    ], title=title)
+    table += "\n\n" + format_table(rows, [
+        ("variant", "variant", ""),
         ("process_rss_mib", "peak RSS MiB (largest proc)", ".0f"),
         ("pss_mib", "peak PSS MiB (tree)", ".0f"),
         ("processes", "procs", "d"),
         ("load_s", "load s", ".1f"),
         ("cosine_min", "cos vs fp32 min", ".4f"),
+        ("cosine_mean", "cos vs fp32 mean", ".5f"),
         ("ndcg@10", "nDCG@10", ".4f"),
         ("ndcg_delta", "delta nDCG", "+.4f"),
-        ("gflops", "GFLOP/s", ".0f"),
-        ("peak_fraction", "of peak", ".0%"),
-    ], title=f"bench.embed: {count} SciFact docs in {arguments.rounds} interleaved rounds, {arguments.threads} threads per variant, max length {arguments.max_length}, batch {arguments.batch_size}")
+    ])
     print()
     print(table)
     print()
     print(format_table(padding, [("batching", "batching (batch 32)", ""), ("computed_over_useful", "FLOPs computed / useful", ".3f")],
                        title=f"padding: {lengths.mean():.0f} tokens per doc on average ({(lengths == arguments.max_length).mean():.0%} truncated), {flops_per_doc / 1e9:.2f} GFLOP per doc"))
     print()
-    print(format_table(bounds_rows, [("precision", "precision", ""), ("peak_gflops", "peak GFLOP/s", ".0f"), ("max_docs_per_s", "bound docs/s", ".0f")],
-                       title=f"bound: {arguments.threads} cores x {frequency_ghz:.2f} GHz x FLOP/cycle {FLOP_PER_CYCLE} (AVX-512, 2 FMA pipes)"))
+    print(format_table(bounds_rows, [("precision", "precision", ""), ("gemm_gflop_per_cpu_s", "GEMM GFLOP/CPU-s (torch, 1 thread)", ".0f"),
+                                     ("max_docs_per_cpu_s", "ceiling docs/CPU-s", ".0f"), ("max_docs_per_s", f"ceiling docs/s on {arguments.threads} cores", ".0f"),
+                                     ("max_speedup", "ceiling x plain (CPU)", ".1f")],
+                       title=f"bound: {flops_per_doc / 1e9:.2f} GFLOP per document at the speed of a {GemmProbe().size}x{GemmProbe().size} matrix product"))
+    for name in names:
+        if results[name].get("cpu_by_process"):
+            breakdown = results[name]["cpu_by_process"]
+            total = sum(breakdown.values())
+            print()
+            print(format_table([{"process": role, "cpu_s": seconds, "share": seconds / total} for role, seconds in breakdown.items() if seconds >= 0.05],
+                               [("process", "process", ""), ("cpu_s", "CPU s", ".1f"), ("share", "share", ".0%")],
+                               title=f"{name}: CPU by process over the timed jobs ({row_docs(results[name])} docs; main = the driver)"))
     if quality:
         print()
         print(format_table([{"backend": key, **value} for key, value in quality.items()],
@@ -468,30 +498,19 @@ def main(argv: list[str] | None = None) -> dict:
         "arguments": vars(arguments),
         "environment": environment,
         "model": model_path,
-        "export_folder": str(export_folder) if export_folder else None,
+        "exports": {name: str(path) for name, path in exports.items()},
         "export_seconds": export_seconds,
         "flops_per_doc": flops_per_doc,
         "tokens_per_doc": float(lengths.mean()),
         "padding": padding,
         "bounds": bounds_rows,
-        "cpu_ghz": frequency_ghz,
+        "gemm_ceilings": ceilings,
         "variants": rows,
         "quality": quality,
         "table": table,
     }
     write_results(arguments.output, payload)
     return payload
-
-
-def _cpu_ghz() -> float:
-    """Nominal clock from /proc/cpuinfo (the bound is only as good as this number)."""
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("cpu MHz"):
-                return float(line.split(":", 1)[1]) / 1000
-    except OSError:
-        pass
-    return 2.5
 
 
 if __name__ == "__main__":

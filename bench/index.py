@@ -26,7 +26,6 @@ are medians and speed-ups are per repeat (median), so that background load falls
 from __future__ import annotations
 
 import argparse
-import math
 import time
 from dataclasses import dataclass
 from unittest import mock
@@ -305,7 +304,10 @@ def main(argv: list[str] | None = None) -> dict:
             scaled = max(1, round(nprobe * built.nlist / reference.nlist))
             configs.append((f"{name} nprobe={scaled} depth={depth}", name, scaled, depth, base))
     for nprobe, depth in extra_pairs:
-        configs.append((f"{reference.name} nprobe={nprobe} depth={depth} fp16", reference.name, nprobe, depth, half))
+        label = f"{reference.name} nprobe={nprobe} depth={depth}"
+        if label not in [existing for existing, *_ in configs]:
+            configs.append((label, reference.name, nprobe, depth, base))
+        configs.append((f"{label} fp16", reference.name, nprobe, depth, half))
     default_label = f"{reference.name} nprobe={rule.nprobe} depth={2 * TOP_K}"
     if default_label not in [label for label, *_ in configs]:
         configs.append((default_label, reference.name, rule.nprobe, 2 * TOP_K, base))

@@ -136,8 +136,8 @@ class PipelineScorer:
 class ExportedScorer:
     """An exported model (:mod:`bench.backends`) scoring the same pairs."""
 
-    def __init__(self, model_path: str, documents: list[str], folder: str, backend: str, threads: int, max_length: int, batch_size: int):
-        self.model = backends.ExportedCrossEncoder(model_path, Path(folder), backend, threads, max_length, batch_size)
+    def __init__(self, model_path: str, documents: list[str], path: str, backend: str, threads: int, max_length: int, batch_size: int):
+        self.model = backends.ExportedCrossEncoder(model_path, path, backend, threads, max_length, batch_size)
         self.documents = documents
 
     def __call__(self, payload) -> np.ndarray:
@@ -202,14 +202,15 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"cross-encoder {model_path}; {query_count} queries x {arguments.depth} = {query_count * arguments.depth} pairs from {pair_source}", flush=True)
 
     exported = [name for name in arguments.variants if name in backends.BACKENDS]
-    export_folder, export_seconds = None, 0.0
+    exports: dict[str, Path] = {}
+    export_seconds = 0.0
     if exported:
         rng = np.random.default_rng(2)
         calibration = [(query, scifact.doc_texts[int(rng.integers(len(scifact.doc_texts)))]) for query in scifact.train_query_texts[:300]]
         started = time.perf_counter()
-        export_folder = backends.prepare(model_path, "cross-encoder", exported, calibration, arguments.max_length)
+        exports = backends.prepare(model_path, "cross-encoder", exported, calibration, arguments.max_length)
         export_seconds = time.perf_counter() - started
-        print(f"exports ready in {export_seconds:.1f} s: {export_folder}", flush=True)
+        print(f"exports ready in {export_seconds:.1f} s: {sorted(str(path) for path in exports.values())}", flush=True)
 
     documents = scifact.doc_texts
     threads, length, batch = arguments.threads, arguments.max_length, arguments.batch_size
@@ -220,7 +221,7 @@ def main(argv: list[str] | None = None) -> dict:
         elif name.startswith("scorer-"):
             workers[name] = VariantProcess(name, PipelineScorer, model_path, documents, length, batch, name.split("-", 1)[1], threads, arguments.depth, threads=threads)
         else:
-            workers[name] = VariantProcess(name, ExportedScorer, model_path, documents, str(export_folder), name, threads, length, batch, threads=threads)
+            workers[name] = VariantProcess(name, ExportedScorer, model_path, documents, str(exports[name]), name, threads, length, batch, threads=threads)
         print(f"  started {name} (load {workers[name].load_s:.1f} s, threads {workers[name].thread_report})", flush=True)
 
     names = arguments.variants
@@ -264,6 +265,7 @@ def main(argv: list[str] | None = None) -> dict:
         row["pss_mib"] = max(row["pss_mib"], worker.overall.peak_pss_mib)
         row["pairs_per_s"] = row["pairs"] / row["wall_s"]
         row["pairs_per_cpu_s"] = row["pairs"] / row["cpu_s"]
+        row["cores_busy"] = row["cpu_s"] / row["wall_s"]
         row["speedup"] = base["wall_s"] / row["wall_s"]
         row["speedup_round_median"] = median(row["round_ratios"])
         row["cpu_speedup"] = base["cpu_s"] / row["cpu_s"]
@@ -276,6 +278,7 @@ def main(argv: list[str] | None = None) -> dict:
         ("speedup_round_median", "x plain (median round)", ".2f"),
         ("pairs_per_cpu_s", "pairs/CPU-s", ".2f"),
         ("cpu_speedup", "x plain (CPU)", ".2f"),
+        ("cores_busy", "cores busy", ".2f"),
         ("process_rss_mib", "peak RSS MiB", ".0f"),
         ("pss_mib", "peak PSS MiB", ".0f"),
         ("load_s", "load s", ".1f"),
@@ -290,7 +293,7 @@ def main(argv: list[str] | None = None) -> dict:
         "environment": environment,
         "model": model_path,
         "pairs_from": pair_source,
-        "export_folder": str(export_folder) if export_folder else None,
+        "exports": {name: str(path) for name, path in exports.items()},
         "export_seconds": export_seconds,
         "variants": rows,
         "table": table,
