@@ -13,7 +13,6 @@ pairs that no part holds yet.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import re
@@ -24,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines import storage
-from pipelines.models import choose_device, load_sentence_transformer
+from pipelines.models import choose_device, inference_context, load_sentence_transformer, resolve_precision
 
 
 @dataclass
@@ -38,7 +37,7 @@ class EmbeddingConfig:
     rows_per_batch: int = field(default=256, metadata={"help": "rows per Ray Data batch sent to an actor"})
     rows_per_part: int = field(default=20_000, metadata={"help": "rows per embedding Parquet part (unit of resume)"})
     device: str = field(default="auto", metadata={"help": "auto (GPU when the cluster has one), cpu or cuda"})
-    precision: str = field(default="auto", metadata={"help": "auto, fp32, bf16 (autocast) or fp16 (GPU)"})
+    precision: str = field(default="auto", metadata={"help": "auto (fp16 on GPU, bf16 on CPUs with native bf16, else fp32), fp32, bf16 or fp16"})
     pool_size: int = field(default=0, metadata={"help": "actors (0 = from cluster resources)"})
     threads_per_actor: int = field(default=0, metadata={"help": "torch threads per CPU actor (0 = auto)"})
 
@@ -73,16 +72,6 @@ def plan_embedding_pool(config: EmbeddingConfig, cluster_cpus: float, cluster_gp
     size = config.pool_size or max(1, int(available // threads))
     num_cpus = max(0.25, min(float(threads), available / size))
     return EmbeddingPool(size=size, num_cpus=round(num_cpus, 2), num_gpus=0.0, threads=threads, device="cpu")
-
-
-def resolve_precision(precision: str, device: str) -> str:
-    if precision == "auto":
-        return "fp16" if device == "cuda" else "fp32"
-    if precision not in ("fp32", "bf16", "fp16"):
-        raise ValueError(f"unknown precision {precision!r}: use auto, fp32, bf16 or fp16")
-    if precision == "fp16" and device != "cuda":
-        raise ValueError("precision fp16 needs a GPU; use bf16 or fp32 on CPU")
-    return precision
 
 
 def model_key(config: EmbeddingConfig) -> str:
@@ -128,12 +117,7 @@ class TextEncoder:
     def encode(self, texts: list[str]) -> np.ndarray:
         import torch
 
-        context = (
-            torch.autocast("cpu", dtype=torch.bfloat16) if self.precision == "bf16" and self.device == "cpu"
-            else torch.autocast("cuda", dtype=torch.bfloat16) if self.precision == "bf16"
-            else contextlib.nullcontext()
-        )
-        with torch.inference_mode(), context:
+        with torch.inference_mode(), inference_context(self.precision, self.device):
             vectors = self.model.encode(
                 texts,
                 batch_size=self.config.batch_size,
@@ -145,7 +129,7 @@ class TextEncoder:
 
     @property
     def dimension(self) -> int:
-        return int(self.model.get_sentence_embedding_dimension())
+        return int(self.model.get_embedding_dimension())
 
 
 class DocumentEmbedder:

@@ -52,14 +52,6 @@ class TrainingConfig:
     max_steps: int = field(default=0, metadata={"help": "stop after this many steps (0 = epochs decide); for smoke tests"})
 
 
-def cpu_supports_bf16() -> bool:
-    import torch
-
-    capability = torch.backends.cpu.get_cpu_capability()
-    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
-    return capability in ("AVX512", "AMX") and ("avx512_bf16" in flags or "amx_bf16" in flags)
-
-
 def training_precision(requested: str) -> str:
     import torch
 
@@ -67,6 +59,8 @@ def training_precision(requested: str) -> str:
         return requested
     if torch.cuda.is_available():
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    from pipelines.models import cpu_supports_bf16
+
     return "bf16" if cpu_supports_bf16() else "fp32"
 
 

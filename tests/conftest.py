@@ -192,6 +192,7 @@ def s3_bucket(s3_server, request) -> str:
 DAMAGED_CORPUS_BUILD_FLAGS = (
     "--documents.rows-per-read-task", "40",
     "--embedding.max-seq-length", "64",
+    "--embedding.precision", "fp32",  # stored vectors are compared with a plain fp32 encode
     "--embedding.rows-per-part", "100",
     "--faiss.factory", "IVF4,Flat",
     "--faiss.nprobe", "4",
