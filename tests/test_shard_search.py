@@ -25,7 +25,7 @@ def make_searcher(index: faiss.Index, vectors: np.ndarray, first_position: int, 
     searcher = ShardSearcher.__new__(ShardSearcher)
     searcher.shard = IndexShard(number=0, index=index, first_position=first_position, vectors=vectors)
     searcher.config = config
-    searcher.candidates = max(config.top_k, config.rescoring_candidates or 2 * config.top_k) if config.exact_rescoring else config.top_k
+    searcher.candidates = max(config.top_k, config.rescoring_candidates or 5 * config.top_k) if config.exact_rescoring else config.top_k
     return searcher
 
 
