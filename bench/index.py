@@ -6,26 +6,36 @@ of random pairs 0.14) and a covariance whose eigenvalues fall off as 1/i in a ra
 a mixture of ``--clusters`` gaussian clusters of lognormal sizes. Queries are drawn from the same
 distribution (not from the base set). Ground truth is brute force (numpy, in chunks).
 
-Variants, all searched through ``pipelines.shard_search.ShardSearcher`` (one shard, batches of 256
-queries, its merge and its exact re-scoring against the shard's stored vectors):
+Every configuration is searched through ``pipelines.shard_search.ShardSearcher`` (one shard, batches
+of 256 queries, its merge, and its exact re-scoring of ``depth`` candidates against the shard's
+stored vectors; 200 = 2 x top-k is today's default), in one of two modes:
 
-- ``Flat``: exact inner-product search (``IndexFlatIP`` as ``make_empty_index("Flat")`` builds it);
-- IVF-PQ from ``choose_index_parameters`` (trained by ``pipelines.index_building.train_index`` on the
-  sample the rule asks for, filled like ``fill_shard``), at several nprobe, without re-scoring and with
-  exact re-scoring of ``--depths`` candidates (``SearchConfig.rescoring_candidates``; 200 = 2 x top-k,
-  the default); other PQ sizes reuse its coarse quantizer; other nlist are trained the same way;
-- ``fp16`` rows re-score against float16 copies of the vectors (half the memory of the float32 file).
+- ``[today]``: faiss 1.15 and the pipeline as they are;
+- ``[proposed]``: two small searcher changes: ``faiss.cvar.distance_compute_blas_threshold = 20``
+  (faiss 1.15 keeps batches under 128,000 query x dimension values off BLAS: a batch of 256 384-d
+  queries ran 7x slower on 2 threads) and exact scores with ``faiss.fvec_inner_products_by_idx``
+  instead of an einsum over the gathered candidates (:func:`faiss_exact_scores`).
 
-Each search configuration runs ``--repeats`` times in rotating order together with Flat; queries/s
-are medians and speed-ups are per repeat (median), so that background load falls on all alike.
+Indexes: ``Flat`` (as ``make_empty_index("Flat")`` builds it); the IVF-PQ of ``choose_index_parameters``
+(trained by ``pipelines.index_building.train_index`` on the sample the rule asks for, filled like
+``fill_shard``); other codecs (8-bit PQ, 4-bit fast-scan PQ) on its coarse quantizer; other nlist
+trained the same way; ``Refine(SQfp16)`` / ``Refine(SQ8)`` rows re-score in faiss (``IndexRefine``)
+against 2- or 1-byte-per-dimension copies of the vectors instead of the searcher's float32 ones.
+"x Flat (BLAS)" compares with Flat [proposed], the faster exact baseline. :func:`proposed_index_parameters` is the
+rule proposed for ``choose_index_parameters``.
 
-    python -m bench.index --quick          # 100k vectors, about two minutes
-    python -m bench.index                  # 1M vectors, about ten minutes on 2 cores
+Each configuration runs ``--repeats`` times in rotating order together with Flat; queries/s are
+medians and speed-ups per repeat (median), so that background load falls on all alike.
+
+    python -m bench.index --quick          # 100k vectors, a few minutes
+    python -m bench.index                  # 1M vectors, about 15 minutes on 2 cores
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
 import time
 from dataclasses import dataclass
 from unittest import mock
@@ -115,6 +125,59 @@ def recall(found: np.ndarray, truth: np.ndarray, k: int) -> float:
     return float(np.mean(hits) / k)
 
 
+def faiss_exact_scores(queries: np.ndarray, vectors: np.ndarray, local_ids: np.ndarray) -> np.ndarray:
+    """``pipelines.shard_search.exact_scores`` with faiss's gather-and-dot kernel (float32 vectors; else the original).
+
+    Proposed for the pipeline: 4x faster than the einsum over a gathered (queries, candidates, d)
+    array, and no such array in memory.
+    """
+    import faiss
+
+    if vectors.dtype != np.float32 or not vectors.flags.c_contiguous:
+        return ORIGINAL_EXACT_SCORES(queries, vectors, local_ids)
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    ids = np.ascontiguousarray(np.where(local_ids >= 0, local_ids, 0), dtype=np.int64)
+    scores = np.empty(ids.shape, dtype=np.float32)
+    faiss.fvec_inner_products_by_idx(faiss.swig_ptr(scores), faiss.swig_ptr(queries), faiss.swig_ptr(vectors), faiss.swig_ptr(ids),
+                                     queries.shape[1], ids.shape[0], ids.shape[1])
+    return np.where(local_ids >= 0, scores, -np.inf).astype(np.float32)
+
+
+ORIGINAL_EXACT_SCORES = None  # pipelines.shard_search.exact_scores, captured (after faiss's import settings) before patching
+
+
+def _original_exact_scores():
+    from pipelines.shard_search import exact_scores
+
+    return exact_scores
+
+
+@contextlib.contextmanager
+def searcher_mode(mode: str):
+    """``today``: faiss and pipeline defaults. ``proposed``: BLAS for query batches, faiss re-scoring.
+
+    faiss 1.15 searches flat codes with its sequential kernel while queries x dimension < 128,000
+    (``distance_compute_blas_threshold``, was 20 queries): a batch of 256 384-d queries stays under it
+    and runs 7x slower on 2 threads than with BLAS; 20 restores the old behaviour.
+    """
+    import faiss
+
+    from pipelines import shard_search
+
+    global ORIGINAL_EXACT_SCORES
+    ORIGINAL_EXACT_SCORES = ORIGINAL_EXACT_SCORES or _original_exact_scores()
+    if mode == "today":
+        yield
+        return
+    saved = faiss.cvar.distance_compute_blas_threshold
+    faiss.cvar.distance_compute_blas_threshold = 20
+    try:
+        with mock.patch.object(shard_search, "exact_scores", faiss_exact_scores):
+            yield
+    finally:
+        faiss.cvar.distance_compute_blas_threshold = saved
+
+
 def make_searcher(index, vectors: np.ndarray | None, nprobe: int, depth: int, threads: int):
     """A real ``ShardSearcher`` over an in-memory shard (its storage loading patched out)."""
     from pipelines import index_store
@@ -137,18 +200,50 @@ def run_searcher(searcher, queries: np.ndarray, batch: int = 256) -> tuple[np.nd
     return np.concatenate(out), time.perf_counter() - started
 
 
+def proposed_index_parameters(count: int, dimension: int, config):
+    """The rule proposed for ``pipelines.index_building.choose_index_parameters`` (same signature and plan).
+
+    - under 2,000 vectors: exact (flat) search;
+    - otherwise IVF with about 4·sqrt(n) lists (a power of two, at least 39 training points per list)
+      and 4-bit fast-scan PQ with one sub-quantizer per 2 dimensions (96 bytes for 384-d);
+    - nprobe = nlist / 32 between 16 and 256 (128 for 4096 lists); one shard per million vectors.
+    With 500 candidates re-scored exactly (5 x top-k) this gave recall@100 0.97 on 1M 384-d vectors.
+    """
+    from pipelines.index_building import FLAT_BELOW, IndexPlan, _power_of_two, ivf_list_count, pq_subquantizers
+
+    if config.factory == "auto":
+        if count < FLAT_BELOW:
+            factory = "Flat"
+        else:
+            nlist = _power_of_two(4 * math.sqrt(count))
+            nlist = max(1, min(nlist, count // 39))
+            factory = f"IVF{nlist},PQ{pq_subquantizers(dimension, dims_per_code=2)}x4fs"
+    else:
+        factory = config.factory
+    nlist = ivf_list_count(factory, dimension)
+    nprobe = config.nprobe or (min(nlist, 256, max(16, nlist // 32)) if nlist else 0)
+    shards = config.shards or max(1, math.ceil(count / 1_000_000))
+    shards = max(1, min(shards, max(1, count)))
+    if config.training_sample:
+        sample = config.training_sample
+    else:
+        sample = max(256 * 39, 64 * nlist) if nlist else 0
+        sample = min(sample, 500_000)
+    return IndexPlan(factory=factory, nprobe=nprobe, shards=shards, training_sample=min(sample, count), seed=config.seed)
+
+
 @dataclass
 class BuiltIndex:
     name: str
     factory: str
     index: object
     nlist: int
-    pq_bytes: int
     train_s: float
     add_s: float
     index_bytes: int
-    default_nprobe: int
+    rule_nprobe: int
     training_sample: int
+    note: str = ""
 
 
 def build_flat(base: np.ndarray) -> BuiltIndex:
@@ -159,11 +254,11 @@ def build_flat(base: np.ndarray) -> BuiltIndex:
     index = make_empty_index("Flat", base.shape[1])
     index.add_with_ids(base, np.arange(len(base), dtype=np.int64))
     add_s = time.perf_counter() - started
-    return BuiltIndex("Flat", "Flat", index, 0, 0, 0.0, add_s, len(index_store.serialize_index(index)), 0, 0)
+    return BuiltIndex("Flat", "Flat", index, 0, 0.0, add_s, len(index_store.serialize_index(index)), 0, 0)
 
 
-def build_with_pipeline(base: np.ndarray, factory: str, name: str) -> BuiltIndex:
-    """Train like ``build_shards`` (rule's sample, ``train_index``) and fill like ``fill_shard``."""
+def build_with_pipeline(base: np.ndarray, factory: str) -> BuiltIndex:
+    """Train like ``build_shards`` (the rule's sample, ``train_index``) and fill like ``fill_shard``."""
     import faiss
 
     from pipelines import index_store
@@ -178,62 +273,110 @@ def build_with_pipeline(base: np.ndarray, factory: str, name: str) -> BuiltIndex
     index = index_store.deserialize_index(trained)
     index.add_with_ids(base, np.arange(len(base), dtype=np.int64))
     add_s = time.perf_counter() - started
-    ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
-    return BuiltIndex(name, plan.factory, index, int(ivf.nlist), int(ivf.pq.M), train_s, add_s, len(index_store.serialize_index(index)), plan.nprobe, plan.training_sample)
+    nlist = int(faiss.extract_index_ivf(index).nlist)
+    return BuiltIndex(factory, factory, index, nlist, train_s, add_s, len(index_store.serialize_index(index)), plan.nprobe, plan.training_sample,
+                      "train_index + add_with_ids")
 
 
-def build_sharing_quantizer(base: np.ndarray, reference: BuiltIndex, pq_bytes: int, assignment: np.ndarray, assign_s: float) -> BuiltIndex:
-    """IVF-PQ with ``reference``'s trained coarse quantizer and a new PQ of ``pq_bytes`` (trained on the same sample)."""
+def build_sharing_quantizer(base: np.ndarray, reference: BuiltIndex, codec: str, assignment: np.ndarray, assign_s: float) -> BuiltIndex:
+    """IVF with ``reference``'s trained coarse quantizer and a new ``codec`` (e.g. PQ32, PQ192x4fs) trained on the same sample."""
     import faiss
 
     from pipelines import index_store
-    from pipelines.index_building import IndexConfig, choose_index_parameters, sample_positions
+    from pipelines.index_building import IndexConfig, choose_index_parameters, make_empty_index, sample_positions
 
-    factory = f"IVF{reference.nlist},PQ{pq_bytes}"
+    factory = f"IVF{reference.nlist},{codec}"
     plan = choose_index_parameters(len(base), base.shape[1], IndexConfig(factory=factory))
-    quantizer = faiss.clone_index(faiss.extract_index_ivf(reference.index).quantizer)
-    index = faiss.IndexIVFPQ(quantizer, base.shape[1], reference.nlist, pq_bytes, 8, faiss.METRIC_INNER_PRODUCT)
-    index.pq.cp.seed = plan.seed
+    index = make_empty_index(factory, base.shape[1])
+    ivf = faiss.extract_index_ivf(index)
+    reference_quantizer = faiss.extract_index_ivf(reference.index).quantizer
+    ivf.quantizer.add(reference_quantizer.reconstruct_n(0, reference.nlist))
     sample = base[sample_positions(len(base), plan.training_sample, plan.seed)]
     started = time.perf_counter()
-    index.train(sample)
+    index.train(sample)  # the quantizer is trained and full: only the codec is trained
     train_s = time.perf_counter() - started
     started = time.perf_counter()
     ids = np.arange(len(base), dtype=np.int64)
-    for start in range(0, len(base), CHUNK):
-        end = min(start + CHUNK, len(base))
-        index.add_core(end - start, faiss.swig_ptr(base[start:end]), faiss.swig_ptr(ids[start:end]), faiss.swig_ptr(assignment[start:end]))
-    add_s = time.perf_counter() - started + assign_s
+    if "fs" in codec:  # fast-scan packs codes in blocks: add through its own path (assigns again)
+        index.add_with_ids(base, ids)
+        add_s = time.perf_counter() - started
+    else:
+        for start in range(0, len(base), CHUNK):
+            end = min(start + CHUNK, len(base))
+            index.add_core(end - start, faiss.swig_ptr(base[start:end]), faiss.swig_ptr(ids[start:end]), faiss.swig_ptr(assignment[start:end]))
+        add_s = time.perf_counter() - started + assign_s
     size = len(index_store.serialize_index(index))
-    return BuiltIndex(f"IVF{reference.nlist},PQ{pq_bytes}", factory, index, reference.nlist, pq_bytes, reference.train_s + train_s, add_s, size, plan.nprobe, plan.training_sample)
+    return BuiltIndex(factory, factory, index, reference.nlist, reference.train_s + train_s, add_s, size, plan.nprobe, plan.training_sample,
+                      f"coarse quantizer of {reference.name}")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One search configuration: index, nprobe, re-scored candidates (0 = none), vectors, searcher mode."""
+
+    index: str
+    nprobe: int
+    depth: int
+    vectors: str | None  # float32 (the searcher re-scores), SQfp16 / SQ8 (faiss IndexRefine re-scores), None
+    mode: str  # today or proposed
+    repeats: int = 0  # 0 = every repeat
+
+    @property
+    def label(self) -> str:
+        parts = [self.index]
+        if self.nprobe:
+            parts.append(f"nprobe={self.nprobe}")
+        if self.index != "Flat":
+            parts.append(f"depth={self.depth}")
+        if self.vectors in REFINE_BYTES:
+            parts.append(f"Refine({self.vectors})")
+        parts.append(f"[{self.mode}]")
+        return " ".join(parts)
+
+
+REFINE_BYTES = {"SQfp16": 2, "SQ8": 1}
+
+
+def refine_index(index, base: np.ndarray, kind: str):
+    """``faiss.IndexRefine``: ``index``'s candidates re-scored against ``kind``-encoded vectors (ids = positions)."""
+    import faiss
+
+    quantizer_type = {"SQfp16": faiss.ScalarQuantizer.QT_fp16, "SQ8": faiss.ScalarQuantizer.QT_8bit}[kind]
+    refine = faiss.IndexScalarQuantizer(base.shape[1], quantizer_type, faiss.METRIC_INNER_PRODUCT)
+    refine.train(base[:: max(1, len(base) // 100_000)])
+    refine.add(base)
+    wrapper = faiss.IndexRefine(index, refine)
+    wrapper.own_fields = False
+    return wrapper, refine  # keep the refine index alive as long as the wrapper
 
 
 def parse_list(text: str) -> list[int]:
     return [int(part) for part in text.split(",") if part.strip()]
 
 
+def parse_pairs(text: str) -> list[tuple[int, int]]:
+    return [tuple(int(x) for x in pair.split(":")) for pair in text.split(",") if pair.strip()]
+
+
 def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="100k vectors, 200 queries, 200 clusters, 2 repeats")
+    parser.add_argument("--quick", action="store_true", help="100k vectors, 200 queries, 200 clusters, 2 repeats, a smaller grid")
     parser.add_argument("--count", type=int, default=1_000_000)
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--clusters", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--nprobes", default="16,32,64,128,256", help="nprobe values for the rule's nlist (scaled for other nlist)")
-    parser.add_argument("--depths", default="0,200,500,1000", help="re-scored candidates (0 = no re-scoring; 200 = 2 x top-k, the default)")
-    parser.add_argument("--pq", default="32,96", help="extra PQ sizes (bytes per vector) on the rule's coarse quantizer")
-    parser.add_argument("--nlists", default="1024", help="extra nlist values, trained like the rule's (0 = none)")
-    parser.add_argument("--extra-nprobe-depth", default="64:500,128:500,128:1000", help="nprobe:depth pairs (at the rule's nlist) for the extra indexes and fp16")
+    parser.add_argument("--nprobes", default="32,64,128,256", help="nprobe grid at the rule's nlist (scaled for other nlist)")
+    parser.add_argument("--depths", default="0,200,500,1000", help="re-scored candidates (0 = none; 200 = 2 x top-k, today's default)")
+    parser.add_argument("--codecs", default="PQ32,PQ96,PQ96x4fs", help="other codecs on the rule's coarse quantizer (8-bit PQm, or 4-bit fast-scan PQmx4fs)")
+    parser.add_argument("--nlists", default="1024", help="other nlist, trained like the rule's (0 = none)")
+    parser.add_argument("--pairs", default="64:500,128:500,128:1000", help="nprobe:depth (at the rule's nlist) for the other indexes and the Refine rows")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="faiss threads (0 = all cores)")
     parser.add_argument("--output", default=str(RESULTS / "index.json"))
     arguments = parser.parse_args(argv)
     if arguments.quick:
         arguments.count, arguments.queries, arguments.clusters, arguments.repeats = min(arguments.count, 100_000), min(arguments.queries, 200), min(arguments.clusters, 200), 2
-        arguments.nlists = "64"
-        arguments.nprobes = "8,16,32,64"
-        arguments.depths = "0,200,1000"
-        arguments.extra_nprobe_depth = "32:500"
+        arguments.nlists, arguments.nprobes, arguments.depths, arguments.pairs, arguments.codecs = "0", "8,32,128", "0,200,500", "32:500", "PQ96x4fs"
     arguments.threads = arguments.threads or physical_cores()
     return arguments
 
@@ -248,6 +391,7 @@ def main(argv: list[str] | None = None) -> dict:
     threads = set_threads(arguments.threads)
     environment = environment_report(arguments.threads)
     environment.update(threads)
+    environment["faiss_distance_compute_blas_threshold"] = faiss.cvar.distance_compute_blas_threshold
     spec = SyntheticSpec(count=arguments.count, queries=arguments.queries, clusters=arguments.clusters, seed=arguments.seed)
     print(f"{environment['cpu']}, {environment['cores']} cores, load {environment['load_average_at_start']}, faiss threads {faiss.omp_get_max_threads()}", flush=True)
 
@@ -267,95 +411,131 @@ def main(argv: list[str] | None = None) -> dict:
         "query_top100_cosine": float((queries * base[truth[:, -1]]).sum(1).mean()),
     }
 
+    # Indexes: Flat; the rule's (trained by the pipeline's code); other codecs on its quantizer; other nlist.
     rule = choose_index_parameters(spec.count, spec.dimension, IndexConfig())
-    print(f"choose_index_parameters({spec.count:,}, {spec.dimension}) -> {rule.factory}, nprobe {rule.nprobe}, training sample {rule.training_sample:,}", flush=True)
+    proposed = proposed_index_parameters(spec.count, spec.dimension, IndexConfig())
+    print(f"choose_index_parameters -> {rule.factory}, nprobe {rule.nprobe}; proposed -> {proposed.factory}, nprobe {proposed.nprobe}", flush=True)
     indexes: dict[str, BuiltIndex] = {"Flat": build_flat(base)}
-    reference = build_with_pipeline(base, rule.factory, rule.factory)
+    reference = build_with_pipeline(base, rule.factory)
     indexes[reference.name] = reference
     print(f"built {reference.name}: train {reference.train_s:.0f} s, add {reference.add_s:.0f} s", flush=True)
     started = time.perf_counter()
     _, assignment = faiss.extract_index_ivf(reference.index).quantizer.search(base, 1)
     assignment = np.ascontiguousarray(assignment.reshape(-1), dtype=np.int64)
     assign_s = time.perf_counter() - started
-    for pq_bytes in parse_list(arguments.pq):
-        if spec.dimension % pq_bytes or pq_bytes == reference.pq_bytes:
+    codecs = [codec for codec in arguments.codecs.split(",") if codec.strip()]
+    proposed_codec = proposed.factory.split(",", 1)[1] if proposed.factory.startswith("IVF") else None
+    if proposed_codec and proposed_codec not in codecs and f"IVF{reference.nlist}," in proposed.factory + ",":
+        codecs.append(proposed_codec)
+    for codec in codecs:
+        name = f"IVF{reference.nlist},{codec}"
+        if name in indexes:
             continue
-        built = build_sharing_quantizer(base, reference, pq_bytes, assignment, assign_s)
+        built = build_sharing_quantizer(base, reference, codec, assignment, assign_s)
         indexes[built.name] = built
-        print(f"built {built.name} (shared coarse quantizer): PQ train {built.train_s - reference.train_s:.0f} s, add {built.add_s:.0f} s", flush=True)
-    for nlist in parse_list(arguments.nlists):
-        if nlist and nlist != reference.nlist:
-            built = build_with_pipeline(base, f"IVF{nlist},PQ{reference.pq_bytes}", f"IVF{nlist},PQ{reference.pq_bytes}")
+        print(f"built {built.name} ({built.note}): codec train {built.train_s - reference.train_s:.0f} s, add {built.add_s:.0f} s", flush=True)
+    others = [f"IVF{nlist},{rule.factory.split(',', 1)[1]}" for nlist in parse_list(arguments.nlists) if nlist]
+    if proposed.factory.startswith("IVF"):
+        others.append(proposed.factory)
+    for name in others:
+        if name not in indexes:
+            built = build_with_pipeline(base, name)
             indexes[built.name] = built
             print(f"built {built.name}: train {built.train_s:.0f} s, add {built.add_s:.0f} s", flush=True)
     del assignment
-    half = base.astype(np.float16)
+    vectors = {"float32": base, None: None}
+    refines = {}
 
-    # Search configurations: (label, index name, nprobe, depth, vectors).
-    configs = [("Flat", "Flat", 0, 0, None)]
-    for nprobe in parse_list(arguments.nprobes):
-        for depth in parse_list(arguments.depths):
-            configs.append((f"{reference.name} nprobe={nprobe} depth={depth}", reference.name, nprobe, depth, base))
-    extra_pairs = [tuple(int(x) for x in pair.split(":")) for pair in arguments.extra_nprobe_depth.split(",") if pair]
+    # Search cases.
+    def scaled(nprobe: int, nlist: int) -> int:
+        return max(1, min(nlist, round(nprobe * nlist / reference.nlist)))
+
+    proposed_name = proposed.factory if proposed.factory in indexes else None
+    cases = [Case("Flat", 0, 0, None, "today", repeats=1), Case("Flat", 0, 0, None, "proposed")]
+    default_case = Case(reference.name, rule.nprobe, 2 * TOP_K, "float32", "today")
+    cases.append(default_case)
+    proposed_case = Case(proposed_name, proposed.nprobe, 5 * TOP_K, "float32", "proposed") if proposed_name else None
+    if proposed_case:
+        cases.append(Case(proposed_name, proposed.nprobe, 5 * TOP_K, "float32", "today"))
+    for name in [reference.name] + ([proposed_name] if proposed_name and proposed_name != reference.name else []):
+        for nprobe in parse_list(arguments.nprobes):
+            for depth in parse_list(arguments.depths):
+                cases.append(Case(name, scaled(nprobe, indexes[name].nlist), depth, "float32" if depth else None, "proposed"))
     for name, built in indexes.items():
-        if name in ("Flat", reference.name):
+        if name in ("Flat", reference.name, proposed_name):
             continue
-        for nprobe, depth in extra_pairs:
-            scaled = max(1, round(nprobe * built.nlist / reference.nlist))
-            configs.append((f"{name} nprobe={scaled} depth={depth}", name, scaled, depth, base))
-    for nprobe, depth in extra_pairs:
-        label = f"{reference.name} nprobe={nprobe} depth={depth}"
-        if label not in [existing for existing, *_ in configs]:
-            configs.append((label, reference.name, nprobe, depth, base))
-        configs.append((f"{label} fp16", reference.name, nprobe, depth, half))
-    default_label = f"{reference.name} nprobe={rule.nprobe} depth={2 * TOP_K}"
-    if default_label not in [label for label, *_ in configs]:
-        configs.append((default_label, reference.name, rule.nprobe, 2 * TOP_K, base))
+        for nprobe, depth in parse_pairs(arguments.pairs):
+            cases.append(Case(name, scaled(nprobe, built.nlist), depth, "float32", "proposed"))
+    target = proposed_name or reference.name
+    for kind in REFINE_BYTES:
+        for nprobe, depth in parse_pairs(arguments.pairs):
+            cases.append(Case(target, scaled(nprobe, indexes[target].nlist), depth, kind, "proposed"))
+    cases = list(dict.fromkeys(cases))
+    baseline = Case("Flat", 0, 0, None, "proposed")
 
-    rows = {label: {"config": label, "index": name, "nprobe": nprobe, "depth": depth, "seconds": [], "speedups": []} for label, name, nprobe, depth, _ in configs}
+    rows = {case: {"config": case.label, "index": case.index, "nprobe": case.nprobe, "depth": case.depth, "vectors": case.vectors, "mode": case.mode,
+                   "seconds": [], "speedups": []} for case in cases}
+    others = [case for case in cases if case != baseline]
     for repeat in range(arguments.repeats):
-        order = configs[1:][repeat % max(1, len(configs) - 1):] + configs[1:][: repeat % max(1, len(configs) - 1)]
+        shift = repeat % max(1, len(others))
         flat_seconds = None
-        for label, name, nprobe, depth, vectors in [configs[0], *order]:
-            searcher = make_searcher(indexes[name].index, vectors, nprobe, depth, arguments.threads)
-            found, seconds = run_searcher(searcher, queries)
-            row = rows[label]
+        for case in [baseline, *others[shift:], *others[:shift]]:
+            if case.repeats and repeat >= case.repeats:
+                continue
+            with searcher_mode(case.mode):
+                if case.vectors in REFINE_BYTES:
+                    key = (case.index, case.vectors)
+                    if key not in refines:
+                        refines[key] = refine_index(indexes[case.index].index, base, case.vectors)
+                    wrapper = refines[key][0]
+                    wrapper.k_factor = case.depth / TOP_K
+                    searcher = make_searcher(wrapper, None, case.nprobe, 0, arguments.threads)
+                else:
+                    searcher = make_searcher(indexes[case.index].index, vectors[case.vectors], case.nprobe, case.depth, arguments.threads)
+                found, seconds = run_searcher(searcher, queries)
+            row = rows[case]
             row["seconds"].append(seconds)
-            if label == "Flat":
+            if case == baseline:
                 flat_seconds = seconds
             row["speedups"].append(flat_seconds / seconds)
-            if repeat == 0:
+            if "recall@100" not in row:
                 row["recall@10"] = recall(found, truth, 10)
                 row["recall@100"] = recall(found, truth, 100)
-        print(f"  repeat {repeat + 1}/{arguments.repeats}: flat {spec.queries / flat_seconds:.0f} q/s", flush=True)
+        print(f"  repeat {repeat + 1}/{arguments.repeats}: flat (BLAS) {spec.queries / flat_seconds:.0f} q/s", flush=True)
 
-    vector_bytes = {None: 0, "float32": 4 * spec.dimension, "float16": 2 * spec.dimension}
+    vector_bytes = {None: 0, "float32": 4 * spec.dimension} | {kind: size * spec.dimension for kind, size in REFINE_BYTES.items()}
+    flat_today = rows[Case("Flat", 0, 0, None, "today", repeats=1)]
     table_rows = []
-    for label, name, nprobe, depth, vectors in configs:
-        row = rows[label]
-        built = indexes[name]
+    for case in cases:
+        row = rows[case]
+        built = indexes[case.index]
         row["queries_per_s"] = spec.queries / median(row["seconds"])
         row["speedup"] = median(row["speedups"])
+        row["speedup_vs_flat_today"] = median(flat_today["seconds"]) / median(row["seconds"])
         row["index_bytes_per_vector"] = built.index_bytes / spec.count
-        kind = None if not depth else ("float16" if vectors is half else "float32")
-        row["rescoring_vectors"] = kind
-        row["bytes_per_vector"] = row["index_bytes_per_vector"] + vector_bytes[kind]
+        row["bytes_per_vector"] = row["index_bytes_per_vector"] + vector_bytes[case.vectors if case.depth else None]
         row["build_s"] = built.train_s + built.add_s
-        row["marker"] = "<- default rule" if label == default_label else ""
+        row["marker"] = "<- today's rule and searcher" if case == default_case else "<- proposed" if case == proposed_case else ""
         table_rows.append(row)
     table = format_table(table_rows, [
-        ("config", "configuration", ""),
+        ("config", "configuration [searcher]", ""),
         ("queries_per_s", "queries/s", ".0f"),
-        ("speedup", "x Flat", ".1f"),
+        ("speedup", "x Flat (BLAS)", ".1f"),
+        ("speedup_vs_flat_today", "x Flat (today)", ".1f"),
         ("recall@10", "recall@10", ".3f"),
         ("recall@100", "recall@100", ".3f"),
         ("index_bytes_per_vector", "index B/vec", ".0f"),
         ("bytes_per_vector", "B/vec incl. re-scoring", ".0f"),
         ("build_s", "build s", ".0f"),
         ("marker", "", ""),
-    ], title=f"bench.index: {spec.count:,} synthetic {spec.dimension}-d vectors ({spec.clusters} clusters), {spec.queries} queries, top-{TOP_K}, {arguments.threads} faiss threads, median of {arguments.repeats}")
-    builds = [{"index": b.name, "factory": b.factory, "training_sample": b.training_sample, "train_s": b.train_s, "add_s": b.add_s, "index_bytes": b.index_bytes, "rule_nprobe": b.default_nprobe} for b in indexes.values()]
-    build_table = format_table(builds, [("index", "index", ""), ("training_sample", "training sample", ",d"), ("train_s", "train s", ".0f"), ("add_s", "add s", ".0f"), ("index_bytes", "bytes", ",d")], title="builds (PQ variants reuse the rule's coarse quantizer: train s includes it, add s includes the shared assignment)")
+    ], title=(f"bench.index: {spec.count:,} synthetic {spec.dimension}-d vectors ({spec.clusters} clusters), {spec.queries} queries, top-{TOP_K}, "
+              f"{arguments.threads} faiss threads, median of {arguments.repeats} (Flat [today]: 1)\n"
+              "[today] = faiss 1.15 defaults + pipelines.shard_search as is; [proposed] = BLAS for query batches + faiss re-scoring"))
+    builds = [{"index": b.name, "training_sample": b.training_sample, "train_s": b.train_s, "add_s": b.add_s, "index_bytes": b.index_bytes,
+               "rule_nprobe": b.rule_nprobe, "note": b.note} for b in indexes.values()]
+    build_table = format_table(builds, [("index", "index", ""), ("training_sample", "training sample", ",d"), ("train_s", "train s", ".0f"),
+                                        ("add_s", "add s", ".0f"), ("index_bytes", "bytes", ",d"), ("note", "", "")],
+                               title="builds (shared quantizer: train s includes the rule's coarse training; 8-bit PQ add s includes the shared assignment)")
     print()
     print(table)
     print()
@@ -370,6 +550,7 @@ def main(argv: list[str] | None = None) -> dict:
         "generate_s": generate_s,
         "ground_truth_s": truth_s,
         "rule": rule.__dict__,
+        "proposed_rule": proposed.__dict__,
         "builds": builds,
         "configs": table_rows,
         "table": table,
