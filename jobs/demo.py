@@ -20,6 +20,7 @@ from pipelines import index_store, storage
 from pipelines.config import config_to_dict, format_config, parse_config
 from pipelines.evaluation import RunEvaluator, format_metrics_table, read_qrels, read_run
 from pipelines.indexing import BuildIndexConfig, build_index, summary_table
+from pipelines.reranking import quantized_reranker_url
 from pipelines.retrieval import RetrieveRerankConfig, retrieve_and_rerank
 from pipelines.retrieval import summary_table as query_summary_table
 from pipelines.runtime import ensure_ray, format_table
@@ -97,7 +98,8 @@ def run_demo(config: DemoConfig) -> dict:
     query_config.rerank.model = reranker
     query_config.rerank.depth = config.rerank_depth
     version = index_store.current_version_id(index_url)
-    run_key = cache_key({"index": version, "reranker": reranker, "depth": config.rerank_depth, "top_k": config.top_k})
+    reranker_int8 = bool(query_config.rerank.enabled and quantized_reranker_url(reranker))
+    run_key = cache_key({"index": version, "reranker": reranker, "int8": reranker_int8, "depth": config.rerank_depth, "top_k": config.top_k})
     query_config.output = os.path.join(workdir, "runs", f"test-{run_key}")
     query_summary = retrieve_and_rerank(query_config)
     print(query_summary_table(query_summary))
@@ -114,6 +116,13 @@ def run_demo(config: DemoConfig) -> dict:
             rows.append((f"{stage} lift nDCG@10 / P@3", f"{_lift(metrics['ndcg@10'], first['ndcg@10'])} / {_lift(metrics['p@3'], first['p@3'])}"))
     if not query_config.rerank.enabled:
         rows.append(("reranker", "none: first stage only (--reranker train or a CrossEncoder path enables it)"))
+    else:
+        rows.append(("reranker scoring", "int8 (OpenVINO)" if reranker_int8 else "torch"))
+    report_url = os.path.join(os.path.dirname(reranker), "training_report.json")
+    training_report = storage.read_json(report_url) if config.reranker == "train" and os.path.exists(report_url) else None
+    if training_report:
+        rows.append(("reranker training (s, pairs/s)", f"{training_report['train_seconds']:.0f} / {training_report['pairs_per_second']:.1f}"))
+        rows.append(("reranker job, mining to int8 (s)", round(float(training_report["wall_seconds"]), 1)))
     rows.append(("demo wall time (s)", round(time.perf_counter() - started, 1)))
     print(format_table(rows, title="SciFact test (300 queries)"))
     report = {
@@ -129,10 +138,8 @@ def run_demo(config: DemoConfig) -> dict:
         },
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
-    if config.reranker == "train":
-        training_report = os.path.join(os.path.dirname(reranker), "training_report.json")
-        if os.path.exists(training_report):
-            report["training"] = storage.read_json(training_report)
+    if training_report:
+        report["training"] = training_report
     storage.write_json_atomically(os.path.join(workdir, "demo_report.json"), report)
     print(f"report: {os.path.join(workdir, 'demo_report.json')}")
     return report

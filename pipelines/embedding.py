@@ -23,7 +23,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines import storage
-from pipelines.models import choose_device, inference_context, load_sentence_transformer, resolve_precision
+from pipelines.models import (
+    choose_device,
+    inference_context,
+    load_sentence_transformer,
+    resolve_precision,
+)
 
 
 @dataclass
@@ -37,7 +42,8 @@ class EmbeddingConfig:
     rows_per_batch: int = field(default=256, metadata={"help": "rows per Ray Data batch sent to an actor"})
     rows_per_part: int = field(default=20_000, metadata={"help": "rows per embedding Parquet part (unit of resume)"})
     device: str = field(default="auto", metadata={"help": "auto (GPU when the cluster has one), cpu or cuda"})
-    precision: str = field(default="auto", metadata={"help": "auto (fp16 on GPU, bf16 on CPUs with native bf16, else fp32), fp32, bf16 or fp16"})
+    precision: str = field(default="auto", metadata={"help": "auto (fp16 on GPU; on CPU int8 with OpenVINO, else bf16 where native, else fp32), fp32, bf16, fp16 or int8"})
+    calibration_documents: int = field(default=300, metadata={"help": "corpus documents the int8 model is calibrated on (a seeded sample)"})
     pool_size: int = field(default=0, metadata={"help": "actors (0 = from cluster resources)"})
     threads_per_actor: int = field(default=0, metadata={"help": "torch threads per CPU actor (0 = auto)"})
 
@@ -74,14 +80,49 @@ def plan_embedding_pool(config: EmbeddingConfig, cluster_cpus: float, cluster_gp
     return EmbeddingPool(size=size, num_cpus=round(num_cpus, 2), num_gpus=0.0, threads=threads, device="cpu")
 
 
-def model_key(config: EmbeddingConfig) -> str:
-    """Folder name for a model's vectors: vectors from different settings never mix."""
-    identity = json.dumps(
-        {"model": config.model, "normalize": config.normalize, "max_seq_length": config.max_seq_length},
-        sort_keys=True,
-    )
+def model_key(config: EmbeddingConfig, quantized: dict | None = None) -> str:
+    """Folder name for a model's vectors: vectors from different settings never mix.
+
+    Float paths (fp32, bf16, fp16) agree to a cosine of 0.99998 and share vectors; an int8 model's
+    vectors (cosine 0.997 with fp32) are kept apart, named by its calibration.
+    """
+    identity = {"model": config.model, "normalize": config.normalize, "max_seq_length": config.max_seq_length}
+    if quantized:
+        identity["int8"] = quantized["calibration_digest"]
     slug = re.sub(r"[^A-Za-z0-9]+", "-", config.model.rstrip("/").rsplit("/", 1)[-1]).strip("-")[:40] or "model"
-    return f"{slug}-{hashlib.sha256(identity.encode()).hexdigest()[:10]}"
+    suffix = "-int8" if quantized else ""
+    return f"{slug}-{hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]}{suffix}"
+
+
+def quantized_model_path(config: EmbeddingConfig) -> str:
+    """Where (relative to the index root) an index keeps its int8 bi-encoder: one per model and settings,
+    reused by every later build, so that incremental reindexing keeps its vectors."""
+    return f"models/{model_key(config)}-int8"
+
+
+def prepare_quantized_encoder(config: EmbeddingConfig, index_root: str, calibration_texts) -> dict:
+    """The int8 bi-encoder of ``index_root`` (its ``quantization.json`` settings plus ``url``), quantized now if absent.
+
+    ``calibration_texts`` is called only when the model must be made; quantization runs in a Ray task
+    (one CPU) so that a cluster's driver needs neither the model nor its memory.
+    """
+    import ray
+
+    from pipelines import quantization
+
+    url = storage.join_url(index_root, quantized_model_path(config))
+    if not quantization.is_complete(url):
+        texts = list(calibration_texts())
+        print(f"quantizing {config.model} to int8 (OpenVINO, NNCF) on {len(texts)} corpus documents")
+        ray.get(ray.remote(num_cpus=1)(_quantize_bi_encoder).remote(config, texts, url))
+    return {**quantization.read_settings(url), "url": url, "path": quantized_model_path(config)}
+
+
+def _quantize_bi_encoder(config: EmbeddingConfig, texts: list[str], url: str) -> dict:
+    from pipelines import quantization
+
+    model = load_sentence_transformer(config.model, "cpu", config.max_seq_length or None)
+    return quantization.quantize_model(model, "bi-encoder", texts, int(model.max_seq_length), url, config.model)
 
 
 def embeddings_to_arrow(vectors: np.ndarray) -> pa.FixedSizeListArray:
@@ -100,16 +141,27 @@ def arrow_to_embeddings(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
 
 
 class TextEncoder:
-    """A SentenceTransformer with the precision and thread settings applied; used by every embedding path."""
+    """The bi-encoder with the precision and thread settings applied; used by every embedding path.
 
-    def __init__(self, config: EmbeddingConfig, device: str = "auto", threads: int = 0):
+    ``quantized_url`` names an int8 model (see :func:`prepare_quantized_encoder`); with it, ``auto``
+    precision on CPU runs that model in OpenVINO, otherwise the SentenceTransformer runs in torch.
+    """
+
+    def __init__(self, config: EmbeddingConfig, device: str = "auto", threads: int = 0, quantized_url: str = ""):
         import torch
 
         if threads:
             torch.set_num_threads(threads)
         self.device = choose_device(device)
-        self.precision = resolve_precision(config.precision, self.device)
+        self.precision = resolve_precision(config.precision, self.device, int8=bool(quantized_url))
         self.config = config
+        if self.precision == "int8":
+            if not quantized_url:
+                raise ValueError(f"precision int8 needs a quantized model of {config.model} (built by the indexing job)")
+            from pipelines.quantization import QuantizedTextEncoder
+
+            self.quantized = QuantizedTextEncoder(quantized_url, threads, config.batch_size)
+            return
         self.model = load_sentence_transformer(config.model, self.device, config.max_seq_length or None)
         if self.precision == "fp16":
             self.model.half()
@@ -117,6 +169,8 @@ class TextEncoder:
     def encode(self, texts: list[str]) -> np.ndarray:
         import torch
 
+        if self.precision == "int8":
+            return self.quantized.encode(texts)
         with torch.inference_mode(), inference_context(self.precision, self.device):
             vectors = self.model.encode(
                 texts,
@@ -129,14 +183,16 @@ class TextEncoder:
 
     @property
     def dimension(self) -> int:
+        if self.precision == "int8":
+            return self.quantized.dimension
         return int(self.model.get_embedding_dimension())
 
 
 class DocumentEmbedder:
     """Ray Data callable class: ``(id, text_hash, content)`` batches → ``(id, text_hash, embedding)``."""
 
-    def __init__(self, config: EmbeddingConfig, device: str = "auto", threads: int = 0):
-        self.encoder = TextEncoder(config, device, threads)
+    def __init__(self, config: EmbeddingConfig, device: str = "auto", threads: int = 0, quantized_url: str = ""):
+        self.encoder = TextEncoder(config, device, threads, quantized_url)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         vectors = self.encoder.encode(batch["content"].to_pylist())
@@ -146,8 +202,8 @@ class DocumentEmbedder:
 class EmbeddingStore:
     """Vectors of one model, keyed by (id, text_hash), as atomically written Parquet parts."""
 
-    def __init__(self, index_root: str, config: EmbeddingConfig):
-        self.url = storage.join_url(index_root, "embeddings", model_key(config))
+    def __init__(self, index_root: str, config: EmbeddingConfig, quantized: dict | None = None):
+        self.url = storage.join_url(index_root, "embeddings", model_key(config, quantized))
 
     def parts(self) -> list[str]:
         return storage.list_files(self.url, ".parquet")
@@ -176,16 +232,24 @@ def read_vectors(part_url: str, rows: np.ndarray) -> np.ndarray:
     return arrow_to_embeddings(column)[rows]
 
 
-def embed_documents(documents, store: EmbeddingStore, config: EmbeddingConfig) -> tuple[int, int]:
-    """Embed a Ray Dataset of ``(id, text_hash, content)`` into ``store``; returns (rows, parts written)."""
+def cluster_embedding_pool(config: EmbeddingConfig) -> EmbeddingPool:
+    """The embedding pool for the running Ray cluster's resources."""
     import ray
 
     resources = ray.cluster_resources()
-    pool = plan_embedding_pool(config, resources.get("CPU", 1), resources.get("GPU", 0))
-    print(f"embedding pool: {pool.size} actor(s) on {pool.device}, {pool.num_cpus} CPU / {pool.num_gpus} GPU each, {pool.threads} threads")
+    return plan_embedding_pool(config, resources.get("CPU", 1), resources.get("GPU", 0))
+
+
+def embed_documents(documents, store: EmbeddingStore, config: EmbeddingConfig, quantized_url: str = "") -> tuple[int, int]:
+    """Embed a Ray Dataset of ``(id, text_hash, content)`` into ``store``; returns (rows, parts written)."""
+    import ray
+
+    pool = cluster_embedding_pool(config)
+    precision = resolve_precision(config.precision, pool.device, int8=bool(quantized_url))
+    print(f"embedding pool: {pool.size} actor(s) on {pool.device} ({precision}), {pool.num_cpus} CPU / {pool.num_gpus} GPU each, {pool.threads} threads")
     embedded = documents.map_batches(
         DocumentEmbedder,
-        fn_constructor_args=(config, pool.device, pool.threads),
+        fn_constructor_args=(config, pool.device, pool.threads, quantized_url),
         batch_size=config.rows_per_batch,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=pool.size),

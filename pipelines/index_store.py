@@ -164,13 +164,19 @@ def load_shard(root: str, manifest: dict[str, Any], shard: int, with_vectors: bo
     nprobe = manifest["index"].get("nprobe") or 0
     if nprobe:
         faiss.extract_index_ivf(index).nprobe = nprobe
-    vectors = None
-    if with_vectors:
-        vectors_url = storage.join_url(folder, entry["vectors_file"])
-        vectors = vectors_from_bytes(read_checked(vectors_url, entry["vectors_sha256"]))
-        if vectors.shape != (entry["count"], index.d):
-            raise IndexValidationError(f"{vectors_url}: shape {vectors.shape}, expected ({entry['count']}, {index.d})")
+    vectors = load_shard_vectors(root, manifest, shard) if with_vectors else None
     return IndexShard(number=shard, index=index, first_position=entry["first_position"], vectors=vectors)
+
+
+def load_shard_vectors(root: str, manifest: dict[str, Any], shard: int) -> np.ndarray:
+    """The exact float32 vectors of one shard, validated against the manifest (checksum, shape)."""
+    entry = manifest["shards"][shard]
+    dimension = manifest["model"]["dimension"]
+    vectors_url = storage.join_url(version_url(root, manifest["version_id"]), entry["vectors_file"])
+    vectors = vectors_from_bytes(read_checked(vectors_url, entry["vectors_sha256"]))
+    if vectors.shape != (entry["count"], dimension):
+        raise IndexValidationError(f"{vectors_url}: shape {vectors.shape}, expected ({entry['count']}, {dimension})")
+    return vectors
 
 
 def load_doc_ids(root: str, manifest: dict[str, Any]) -> pa.Table:

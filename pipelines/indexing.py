@@ -26,10 +26,37 @@ import pyarrow.parquet as pq
 import pipelines
 from pipelines import index_store, storage
 from pipelines.config import config_to_dict
-from pipelines.documents import CorpusConfig, CorpusError, find_duplicate_ids, quarantined_rows, read_corpus
-from pipelines.embedding import EmbeddingConfig, EmbeddingStore, embed_documents, model_key
-from pipelines.index_building import IndexConfig, build_shards, choose_index_parameters, locate_vectors, version_fingerprint
-from pipelines.runtime import ensure_ray, format_table, resolve_broadcast, worker_visible
+from pipelines.documents import (
+    CorpusConfig,
+    CorpusError,
+    find_duplicate_ids,
+    quarantined_rows,
+    read_corpus,
+)
+from pipelines.embedding import (
+    EmbeddingConfig,
+    EmbeddingStore,
+    cluster_embedding_pool,
+    embed_documents,
+    model_key,
+    prepare_quantized_encoder,
+)
+from pipelines.index_building import (
+    IndexConfig,
+    build_shards,
+    choose_index_parameters,
+    locate_vectors,
+    sample_positions,
+    version_fingerprint,
+)
+from pipelines.models import resolve_precision
+from pipelines.quantization import int8_available
+from pipelines.runtime import (
+    ensure_ray,
+    format_table,
+    resolve_broadcast,
+    worker_visible,
+)
 
 
 @dataclass
@@ -65,8 +92,18 @@ def _quarantined_rows(batch: pa.Table, duplicates: pa.Table, corpus_url: str, pu
     return rows
 
 
-def _rows_to_embed(batch: pa.Table, order_keys: pa.Array) -> pa.Table:
-    return batch.filter(pc.is_in(batch["order_key"], value_set=resolve_broadcast(order_keys))).select(["id", "text_hash", "content"])
+def _rows_to_embed(batch: pa.Table, order_keys: pa.Array, columns: tuple[str, ...] = ("id", "text_hash", "content")) -> pa.Table:
+    return batch.filter(pc.is_in(batch["order_key"], value_set=resolve_broadcast(order_keys))).select(list(columns))
+
+
+def calibration_texts(validated, documents: pa.Table, count: int, seed: int) -> list[str]:
+    """The texts of a seeded sample of ``count`` valid documents, in corpus order (int8 calibration data)."""
+    import ray
+
+    positions = sample_positions(documents.num_rows, min(count, documents.num_rows), seed)
+    keys = documents["order_key"].take(pa.array(positions)).combine_chunks()
+    rows = collect(validated.map_batches(_rows_to_embed, fn_args=(ray.put(keys), ("order_key", "content")), batch_format="pyarrow"))
+    return rows.sort_by("order_key")["content"].to_pylist() if rows is not None else []
 
 
 def collect(dataset) -> pa.Table:
@@ -122,8 +159,14 @@ def _build_index(config: BuildIndexConfig, corpus_url: str, index_url: str) -> d
     read_seconds = time.perf_counter() - started
     print(f"read {rows_read} rows from {len(files)} file(s): {documents.num_rows} valid, {rows_read - documents.num_rows} to quarantine")
 
-    # 2. Embed what the store does not hold yet.
-    store = EmbeddingStore(index_url, config.embedding)
+    # 2. Embed what the store does not hold yet; on CPU with OpenVINO, with the index root's int8 model.
+    quantized = None
+    pool = cluster_embedding_pool(config.embedding)
+    if resolve_precision(config.embedding.precision, pool.device, int8=int8_available()) == "int8":
+        quantized = prepare_quantized_encoder(
+            config.embedding, index_url, lambda: calibration_texts(validated, documents, config.embedding.calibration_documents, config.faiss.seed)
+        )
+    store = EmbeddingStore(index_url, config.embedding, quantized)
     stored = store.keys()
     stored_keys = stored.select(["id", "text_hash"]).group_by(["id", "text_hash"]).aggregate([])
     missing = documents.join(stored_keys, ["id", "text_hash"], join_type="left anti", use_threads=False)
@@ -131,7 +174,7 @@ def _build_index(config: BuildIndexConfig, corpus_url: str, index_url: str) -> d
     embedded_rows = 0
     if missing.num_rows:
         to_embed = validated.map_batches(_rows_to_embed, fn_args=(ray.put(missing["order_key"].combine_chunks()),), batch_format="pyarrow")
-        embedded_rows, _ = embed_documents(to_embed, store, config.embedding)
+        embedded_rows, _ = embed_documents(to_embed, store, config.embedding, quantized["url"] if quantized else "")
     embed_seconds = time.perf_counter() - embed_started
     print(f"embedded {embedded_rows} documents, reused {documents.num_rows - missing.num_rows} stored vectors")
 
@@ -139,7 +182,9 @@ def _build_index(config: BuildIndexConfig, corpus_url: str, index_url: str) -> d
     located = locate_vectors(documents.select(["position", "id", "text_hash"]), store.keys())
     dimension = _stored_dimension(located["part"][0].as_py())
     plan = choose_index_parameters(documents.num_rows, dimension, config.faiss)
-    model_settings = {"model": config.embedding.model, "normalize": config.embedding.normalize, "max_seq_length": config.embedding.max_seq_length, "key": model_key(config.embedding)}
+    model_settings = {"model": config.embedding.model, "normalize": config.embedding.normalize, "max_seq_length": config.embedding.max_seq_length, "key": model_key(config.embedding, quantized)}
+    if quantized:  # queries must be embedded by the same int8 model (relative: the root may be mirrored or moved)
+        model_settings["quantized_model"] = quantized["path"]
     version_id = version_fingerprint(documents, plan, model_settings)
     folder = index_store.version_url(index_url, version_id)
     manifest_url = storage.join_url(folder, "manifest.json")

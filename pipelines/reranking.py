@@ -23,6 +23,7 @@ from pipelines.runtime import resolve_broadcast
 from pipelines.models import choose_device, inference_context, resolve_model_reference, resolve_precision
 
 FUSION_FILE = "fusion.json"
+INT8_FOLDER = "openvino_int8"
 
 OUTPUT_SCHEMA = pa.schema(
     [
@@ -48,7 +49,7 @@ class RerankConfig:
     max_length: int = field(default=0, metadata={"help": "tokens per (query, document) pair (0 = the model's own)"})
     fusion: str = field(default="auto", metadata={"help": "auto (use the model's fusion weight if it has one) or off"})
     device: str = "auto"
-    precision: str = field(default="auto", metadata={"help": "auto, fp32, bf16 (autocast) or fp16 (GPU)"})
+    precision: str = field(default="auto", metadata={"help": "auto (fp16 on GPU; int8 on CPU where the model carries a calibrated int8 export, else bf16 where native, else fp32), fp32, bf16, fp16 or int8"})
     pool_size: int = field(default=0, metadata={"help": "actors (0 = from cluster resources)"})
     threads_per_actor: int = 0
 
@@ -66,6 +67,14 @@ def read_fusion_weight(model: str) -> float | None:
     if not 0.0 <= weight <= 1.0:
         raise ValueError(f"{path}: fusion weight {weight} is outside [0, 1]")
     return weight
+
+
+def quantized_reranker_url(model: str) -> str:
+    """The model's int8 export (``openvino_int8/``, written by jobs.train_reranker when dev quality holds), or ""."""
+    from pipelines.quantization import int8_available, is_complete
+
+    path = os.path.join(resolve_model_reference(model), INT8_FOLDER)
+    return path if int8_available() and os.path.isdir(path) and is_complete(path) else ""
 
 
 def standardize(scores: np.ndarray) -> np.ndarray:
@@ -90,12 +99,20 @@ class CrossEncoderScorer:
         if threads:
             torch.set_num_threads(threads)
         self.device = choose_device(device)
-        self.precision = resolve_precision(config.precision, self.device)
+        quantized = "" if self.device.startswith("cuda") else quantized_reranker_url(config.model)
+        self.precision = resolve_precision(config.precision, self.device, int8=bool(quantized))
+        self.config = config
+        self.texts = texts
+        if self.precision == "int8":
+            from pipelines.quantization import QuantizedPairScorer
+
+            if not quantized:
+                raise ValueError(f"{config.model}: precision int8 needs the int8 export ({INT8_FOLDER}/) that jobs.train_reranker writes")
+            self.quantized = QuantizedPairScorer(quantized, threads, config.batch_size, config.max_length)
+            return
         self.model = CrossEncoder(resolve_model_reference(config.model), device=self.device, max_length=config.max_length or None)
         if self.precision == "fp16":
             self.model.model.half()
-        self.config = config
-        self.texts = texts
         self.identity = torch.nn.Identity()
 
     def score_pairs(self, pairs: list[tuple[str, str]]) -> np.ndarray:
@@ -103,6 +120,8 @@ class CrossEncoderScorer:
 
         if not pairs:
             return np.zeros(0, dtype=np.float32)
+        if self.precision == "int8":
+            return self.quantized.score(pairs)
         with torch.inference_mode(), inference_context(self.precision, self.device):
             scores = self.model.predict(pairs, batch_size=self.config.batch_size, activation_fn=self.identity, show_progress_bar=False, convert_to_numpy=True)
         return np.asarray(scores, dtype=np.float32).reshape(-1)

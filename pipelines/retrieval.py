@@ -28,7 +28,7 @@ from pipelines.documents import CorpusConfig, find_duplicate_ids, quarantined_ro
 from pipelines.embedding import EmbeddingConfig, plan_embedding_pool
 from pipelines.reranking import CrossEncoderScorer, RerankConfig, rank_candidates, read_fusion_weight
 from pipelines.runtime import ensure_ray, format_table, resolve_broadcast, worker_visible
-from pipelines.shard_search import QueryEncoder, SearchConfig, ShardSearcher, query_embedding_config
+from pipelines.shard_search import QueryEncoder, SearchConfig, ShardSearcher, quantized_encoder_url, query_embedding_config
 
 
 def _query_log_defaults() -> CorpusConfig:
@@ -171,7 +171,7 @@ def _retrieve_and_rerank(config, manifest, index_url, queries_url, corpus_url, o
         embedding = query_embedding_config(manifest, EmbeddingConfig(batch_size=64))
         flow = queries.map_batches(
             QueryEncoder,
-            fn_constructor_args=(embedding, manifest["model"]["dimension"], "cuda" if pools.encoder_gpus else "cpu", 1),
+            fn_constructor_args=(embedding, manifest["model"]["dimension"], "cuda" if pools.encoder_gpus else "cpu", 1, quantized_encoder_url(index_url, manifest)),
             batch_size=config.search.queries_per_batch,
             batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=1),

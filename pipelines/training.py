@@ -160,19 +160,29 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def score_candidates(model, queries: dict[str, str], candidates: dict[str, list[str]], texts: dict[str, str], depth: int, precision: str, batch_size: int = 32) -> dict[str, np.ndarray]:
-    """Raw cross-encoder logits for each query's top-``depth`` candidates."""
-    import torch
-
-    from pipelines.models import inference_context
-
+def candidate_pairs(queries: dict[str, str], candidates: dict[str, list[str]], texts: dict[str, str], depth: int) -> tuple[list[tuple[str, str]], list[str]]:
+    """(query text, document text) pairs of each query's top-``depth`` candidates, and the query id of each."""
     pairs, owners = [], []
     for query_id, docs in candidates.items():
         for doc in docs[:depth]:
             pairs.append((queries[query_id], texts[doc]))
             owners.append(query_id)
-    with torch.inference_mode(), inference_context(precision, str(model.device)):
-        logits = np.asarray(model.predict(pairs, batch_size=batch_size, activation_fn=torch.nn.Identity(), show_progress_bar=True, convert_to_numpy=True), dtype=np.float32).reshape(-1)
+    return pairs, owners
+
+
+def score_candidates(model, queries: dict[str, str], candidates: dict[str, list[str]], texts: dict[str, str], depth: int, precision: str, batch_size: int = 32) -> dict[str, np.ndarray]:
+    """Raw cross-encoder logits for each query's top-``depth`` candidates (``model``: a CrossEncoder, or an
+    object with ``score(pairs)`` such as :class:`pipelines.quantization.QuantizedPairScorer`)."""
+    import torch
+
+    from pipelines.models import inference_context
+
+    pairs, owners = candidate_pairs(queries, candidates, texts, depth)
+    if hasattr(model, "score"):
+        logits = model.score(pairs)
+    else:
+        with torch.inference_mode(), inference_context(precision, str(model.device)):
+            logits = np.asarray(model.predict(pairs, batch_size=batch_size, activation_fn=torch.nn.Identity(), show_progress_bar=True, convert_to_numpy=True), dtype=np.float32).reshape(-1)
     scores: dict[str, list[float]] = {}
     for owner, logit in zip(owners, logits):
         scores.setdefault(owner, []).append(float(logit))
@@ -363,6 +373,9 @@ class TrainRerankerConfig:
     qrels: str = field(default="", metadata={"help": "BEIR qrels TSV of the training queries"})
     output: str = field(default="", metadata={"help": "output folder URL: model/, training_report.json"})
     fusion_depth: int = field(default=30, metadata={"help": "rerank depth the fusion weight is fitted at (use the query job's)"})
+    int8: bool = field(default=True, metadata={"help": "also write an int8 (OpenVINO) export for CPU serving, kept only if dev quality holds"})
+    int8_tolerance: float = field(default=0.005, metadata={"help": "largest dev fused nDCG@10 loss the int8 export may have"})
+    calibration_pairs: int = field(default=300, metadata={"help": "training (query, candidate) pairs the int8 export is calibrated on"})
     training: TrainingConfig = field(default_factory=TrainingConfig)
 
     def validate(self) -> None:
@@ -394,6 +407,37 @@ def _rank_by(candidates: dict[str, list[str]], scores: dict[str, np.ndarray], de
         order = np.lexsort((np.arange(len(head)), -scores[query_id][: len(head)]))
         ranking[query_id] = [head[i] for i in order] + docs[depth:]
     return ranking
+
+
+def export_int8_reranker(model, model_folder: str, calibration: list[tuple[str, str]], dev_ndcg, reference: float, tolerance: float) -> dict[str, Any]:
+    """Quantize the trained reranker to int8 (OpenVINO, NNCF) into ``model_folder/openvino_int8``, for CPU serving.
+
+    ``dev_ndcg(scorer)`` measures the export on the dev split; the export is kept only if that is
+    within ``tolerance`` of ``reference`` (the trained model's), so ``precision auto`` never trades
+    ranking quality for speed.
+    """
+    import shutil
+
+    import torch
+
+    from pipelines.quantization import QuantizedPairScorer, int8_available, is_complete, quantize_model
+    from pipelines.reranking import INT8_FOLDER
+
+    if not int8_available():
+        return {"kept": False, "reason": "openvino or nncf is not installed"}
+    started = time.perf_counter()
+    folder = os.path.join(model_folder, INT8_FOLDER)
+    if not is_complete(folder):
+        shutil.rmtree(folder, ignore_errors=True)
+        print(f"quantizing the reranker to int8 on {len(calibration)} training pairs")
+        quantize_model(model, "cross-encoder", calibration, int(model.max_length), folder, model_folder)
+    value = float(dev_ndcg(QuantizedPairScorer(folder, threads=torch.get_num_threads())))
+    kept = value >= reference - tolerance
+    if not kept:
+        shutil.rmtree(folder)
+    print(f"int8 reranker: dev fused nDCG@10 {value:.4f} against {reference:.4f}: {'kept' if kept else 'dropped'}")
+    return {"kept": kept, "dev_fused_ndcg@10": round(value, 4), "reference_dev_fused_ndcg@10": round(reference, 4), "tolerance": tolerance,
+            "calibration_pairs": len(calibration), "seconds": round(time.perf_counter() - started, 1)}
 
 
 def train_reranker(config: TrainRerankerConfig) -> dict[str, Any]:
@@ -462,6 +506,20 @@ def train_reranker(config: TrainRerankerConfig) -> dict[str, Any]:
             "fused": _ranking_metrics(evaluator, _rank_by(dev_candidates, fused, config.fusion_depth)),
         }
         write_fusion_weight(trained["model_folder"], weight, dev_metrics["fused"]["ndcg@10"])
+
+        # 4. int8 export for CPU serving, calibrated on training pairs, kept only if dev quality holds.
+        int8 = {"kept": False, "reason": "disabled (--int8 false)"}
+        if config.int8:
+            train_pairs, _ = candidate_pairs(queries, pools, texts, training.mining_depth)
+            chosen = np.sort(np.random.default_rng(training.seed).choice(len(train_pairs), size=min(config.calibration_pairs, len(train_pairs)), replace=False))
+
+            def dev_fused_ndcg(scorer) -> float:
+                scores = score_candidates(scorer, queries, dev_candidates, texts, config.fusion_depth, "int8")
+                fused_int8 = {q: fuse_scores(scores[q], first_scores[q][: config.fusion_depth], weight) for q in dev_ids}
+                return _ranking_metrics(evaluator, _rank_by(dev_candidates, fused_int8, config.fusion_depth))["ndcg@10"]
+
+            int8 = export_int8_reranker(model, trained["model_folder"], [train_pairs[i] for i in chosen], dev_fused_ndcg,
+                                        dev_metrics["fused"]["ndcg@10"], config.int8_tolerance)
         report = {
             "config": {"index": config.index, "queries": config.queries, "qrels": config.qrels, "fusion_depth": config.fusion_depth, "training": training.__dict__},
             "index_version": manifest["version_id"],
@@ -470,6 +528,7 @@ def train_reranker(config: TrainRerankerConfig) -> dict[str, Any]:
             "training_tuples": len(examples),
             "fusion_weight": weight,
             "dev": dev_metrics,
+            "int8": int8,
             **{key: value for key, value in trained.items() if key != "model_folder"},
             "wall_seconds": round(time.perf_counter() - started, 1),
         }

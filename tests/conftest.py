@@ -131,6 +131,70 @@ def write_jsonl(path: Path, records: list) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------------
+# Index versions from given vectors, built with the pipeline's own steps but without Ray or a model.
+
+
+def store_vectors(root, vectors: np.ndarray, parts: int, seed: int):
+    """Write vectors as embedding parts in a shuffled order (as the actor pool would); returns (documents, store).
+
+    ``documents`` has position, id, text_hash: position i is vector i.
+    """
+    import pyarrow as pa
+
+    from pipelines import storage
+    from pipelines.embedding import EmbeddingConfig, EmbeddingStore, embeddings_to_arrow
+
+    count = len(vectors)
+    ids = [f"doc{i}" for i in range(count)]
+    hashes = [f"hash{i}" for i in range(count)]
+    store = EmbeddingStore(str(root), EmbeddingConfig(model="synthetic"))
+    order = np.random.default_rng(seed).permutation(count)
+    for number, rows in enumerate(np.array_split(order, parts)):
+        part = pa.table({"id": [ids[i] for i in rows], "text_hash": [hashes[i] for i in rows], "embedding": embeddings_to_arrow(vectors[rows])})
+        storage.write_parquet_atomically(storage.join_url(store.url, f"part-{number:03d}.parquet"), part)
+    documents = pa.table({"position": pa.array(np.arange(count, dtype=np.int64)), "id": ids, "text_hash": hashes})
+    return documents, store
+
+
+def write_index_version(root, factory: str, vectors: np.ndarray, shards: int = 1, nprobe: int = 0, version_id: str = "v1") -> dict:
+    """An index version of ``vectors`` under ``root``: embedding parts, located, ``train_index`` on the rule's sample,
+    ``fill_shard`` per shard, and a manifest with what loading and search read; returns the manifest.
+    """
+    from pipelines import index_store, storage
+    from pipelines.index_building import (
+        IndexConfig,
+        choose_index_parameters,
+        fill_shard,
+        locate_vectors,
+        read_training_vectors,
+        sample_positions,
+        shard_ranges,
+        sources_for_range,
+        train_index,
+    )
+
+    count, dimension = vectors.shape
+    documents, store = store_vectors(root, vectors, parts=2, seed=0)
+    located = locate_vectors(documents, store.keys())
+    plan = choose_index_parameters(count, dimension, IndexConfig(factory=factory, nprobe=nprobe, shards=shards))
+    sample = read_training_vectors(located, sample_positions(count, plan.training_sample, plan.seed)) if plan.training_sample else vectors[:1]
+    trained = train_index(plan.factory, sample, plan.seed)
+    folder = index_store.version_url(str(root), version_id)
+    stats = [
+        fill_shard(trained, sources_for_range(located, start, end), start, end - start, dimension, folder, shard)
+        for shard, (start, end) in enumerate(shard_ranges(count, plan.shards))
+    ]
+    manifest = {
+        "format": index_store.MANIFEST_FORMAT, "version_id": version_id, "created_at": "2026-01-01T00:00:00+00:00",
+        "model": {"model": "synthetic", "dimension": dimension, "metric": "inner_product"},
+        "index": {"factory": plan.factory, "nprobe": plan.nprobe, "training_sample": plan.training_sample, "seed": plan.seed},
+        "shards": stats, "doc_ids": {}, "counts": {"indexed": count}, "corpus": {}, "embeddings": {},
+    }
+    storage.write_json_atomically(storage.join_url(folder, "manifest.json"), manifest)
+    return manifest
+
+
+# ---------------------------------------------------------------------------------------------------
 # S3 through a local moto server. Ray workers inherit the environment of the moment Ray starts, so the
 # endpoint and test credentials are set here, when the conftest is imported (before any fixture can
 # start Ray); the server itself starts only when a test asks for it. Pointing every AWS client of the

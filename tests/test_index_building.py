@@ -13,18 +13,25 @@ import faiss
 import numpy as np
 import pyarrow as pa
 import pytest
+from conftest import store_vectors, write_index_version
 
 from pipelines import index_store, storage
-from pipelines.embedding import EmbeddingConfig, EmbeddingStore, embeddings_to_arrow
+from pipelines.config import parse_config
+from pipelines.embedding import embeddings_to_arrow
 from pipelines.index_building import (
     IndexConfig,
     IndexPlan,
+    MemoryBudgetError,
     build_shards,
     choose_index_parameters,
+    estimate_index_bytes,
     fill_shard,
     ivf_list_count,
+    ivf_lists,
+    ivf_nprobe,
     locate_vectors,
     make_empty_index,
+    parse_bytes,
     pq_subquantizers,
     read_training_vectors,
     sample_positions,
@@ -33,6 +40,7 @@ from pipelines.index_building import (
     train_index,
     version_fingerprint,
 )
+from pipelines.shard_search import SearchConfig, ShardSearcher
 
 # --- the parameter rule --------------------------------------------------------------------------
 
@@ -41,12 +49,11 @@ from pipelines.index_building import (
     ("count", "dimension", "factory", "nprobe", "shards", "sample"),
     [
         (1, 384, "Flat", 0, 1, 0),
-        (1_999, 384, "Flat", 0, 1, 0),
-        (2_000, 384, "IVF32,PQ48", 16, 1, 2_000),  # sqrt(2000) = 44.7 -> 32 lists
-        (20_000, 64, "IVF128,PQ8", 64, 1, 9_984),  # the training sample is at least 39 points x 256 PQ centroids
-        (999_999, 384, "IVF1024,PQ48", 128, 1, 65_536),
-        (1_000_000, 384, "IVF4096,PQ48", 128, 1, 262_144),  # 4 sqrt(n) lists from a million up
-        (2_500_001, 768, "IVF8192,PQ96", 128, 3, 500_000),  # one shard per started million; the sample is capped
+        (249_999, 384, "Flat", 0, 1, 0),  # exact search under 250,000 vectors
+        (250_000, 384, "IVF2048,PQ192x4fs", 269, 1, 131_072),  # 4 sqrt(n) = 2000 -> 2048 lists; 269 lists scan 32,768 vectors
+        (300_000, 64, "IVF2048,PQ32x4fs", 224, 1, 131_072),  # one 4-bit fast-scan sub-quantizer per 2 dimensions
+        (1_000_000, 384, "IVF4096,PQ192x4fs", 135, 1, 262_144),  # bench.index: recall@100 0.970, 20x Flat
+        (2_500_001, 768, "IVF8192,PQ384x4fs", 256, 3, 500_000),  # at least 1/32 of the lists; one shard per started million; sample capped
     ],
 )
 def test_parameters_follow_the_corpus_size(count, dimension, factory, nprobe, shards, sample):
@@ -54,21 +61,75 @@ def test_parameters_follow_the_corpus_size(count, dimension, factory, nprobe, sh
     assert plan == IndexPlan(factory=factory, nprobe=nprobe, shards=shards, training_sample=sample, seed=1234)
 
 
-def test_ivf_lists_never_get_fewer_than_39_training_points():
-    for count in (2_000, 3_000, 5_000, 50_000, 400_000):
-        plan = choose_index_parameters(count, 32, IndexConfig())
-        nlist = ivf_list_count(plan.factory, 32)
-        assert nlist >= 1 and count // nlist >= 39, plan
-        assert plan.nprobe == min(128, max(1, nlist // 2))  # half the lists, at most 128
+def test_ivf_lists_never_get_fewer_than_39_training_points_and_nprobe_scans_32k_vectors():
+    for count in (2_000, 3_000, 5_000, 50_000, 250_000, 400_000, 3_000_000):
+        nlist = ivf_lists(count)
+        assert nlist >= 1 and count // nlist >= 39, (count, nlist)
+        nprobe = ivf_nprobe(nlist, count)
+        assert nlist // 32 <= nprobe <= nlist
+        assert nprobe == nlist or nprobe == nlist // 32 or 32_768 <= nprobe * count / nlist < 32_768 + count / nlist
+        plan = choose_index_parameters(count, 32, IndexConfig(memory_budget=str(count * 100)))  # below Flat's 136 B/vector
+        assert plan.factory == f"IVF{nlist},PQ16x4fs" and plan.nprobe == nprobe, plan
 
 
 def test_explicit_settings_override_the_rule():
-    config = IndexConfig(factory="IVF64,Flat", shards=5, nprobe=3, training_sample=1_000, seed=7)
-    assert choose_index_parameters(10_000, 32, config) == IndexPlan("IVF64,Flat", 3, 5, 1_000, 7)
+    config = IndexConfig(factory="IVF64,Flat", shards=5, nprobe=3, training_sample=1_000, seed=7, memory_budget="1kB")
+    assert choose_index_parameters(10_000, 32, config) == IndexPlan("IVF64,Flat", 3, 5, 1_000, 7)  # an explicit factory ignores the budget
     # never more shards than documents, never a larger sample than there are vectors
     assert choose_index_parameters(3, 32, IndexConfig(shards=8, training_sample=10)).shards == 3
     assert choose_index_parameters(3, 32, IndexConfig(factory="IVF1,Flat", training_sample=10)).training_sample == 3
     assert choose_index_parameters(500, 32, IndexConfig(factory="HNSW16")).nprobe == 0
+
+
+@pytest.mark.parametrize(
+    ("budget", "factory"),
+    [
+        ("0", "IVF4096,PQ192x4fs"),  # no limit
+        ("8GiB", "IVF4096,PQ192x4fs"),
+        ("117MB", "IVF4096,PQ192x4fs"),  # 116.6 MB
+        ("100MB", "IVF4096,PQ48"),  # 8-bit PQ48 (62.7 MB): recall@100 0.957 against 0.897 for PQ96x4fs of the same size
+        ("50MB", "IVF4096,PQ32"),
+        ("30MB", "IVF4096,PQ12"),
+    ],
+)
+def test_the_memory_budget_picks_the_largest_code_that_fits(budget, factory):
+    plan = choose_index_parameters(1_000_000, 384, IndexConfig(memory_budget=budget))
+    assert plan.factory == factory and plan.nprobe == 135
+    assert parse_bytes(budget) == 0 or estimate_index_bytes(factory, 1_000_000, 384) <= parse_bytes(budget)
+
+
+def test_a_budget_below_flat_gives_a_compressed_index_and_one_that_nothing_fits_is_an_error():
+    assert choose_index_parameters(100_000, 384, IndexConfig(memory_budget="200MB")).factory == "Flat"  # 154.4 MB
+    assert choose_index_parameters(100_000, 384, IndexConfig(memory_budget="100MB")).factory == "IVF1024,PQ192x4fs"
+    with pytest.raises(MemoryBudgetError, match=r"memory_budget 20,000,000 B is too small for 1,000,000 384-d vectors in 1 shard\(s\): "
+                       r"the smallest index considered, IVF4096,PQ6, needs about 20,684,672 B \(21 B/vector\)"):
+        choose_index_parameters(1_000_000, 384, IndexConfig(memory_budget="20MB"))
+    with pytest.raises(MemoryBudgetError, match="1,000 vectors are too few for a compressed"):
+        choose_index_parameters(1_000, 384, IndexConfig(memory_budget="100kB"))
+    # each shard holds its own copy of the coarse quantizer
+    one, four = (estimate_index_bytes("IVF4096,PQ48", 4_000_000, 384, shards) for shards in (1, 4))
+    assert four - one == 3 * (4096 * 384 * 4 + 4 * 384 * 256)
+
+
+@pytest.mark.parametrize(("text", "expected"), [("0", 0), (0, 0), (12345, 12345), ("8GiB", 8 * 1024**3), ("500MB", 500_000_000), ("1.5 kib", 1536), ("2e6", 2_000_000)])
+def test_memory_budgets_are_byte_counts_with_units(text, expected):
+    assert parse_bytes(text) == expected
+    assert parse_config(IndexConfig, ["--memory-budget", str(text)]).memory_budget == str(text)  # --faiss.memory-budget in jobs.build_index
+
+
+@pytest.mark.parametrize("text", ["lots", "8 GiBs", "-1", ""])
+def test_a_memory_budget_that_is_not_a_byte_count_is_refused(text):
+    with pytest.raises(ValueError, match="not a byte count"):
+        parse_bytes(text)
+
+
+@pytest.mark.parametrize("factory", ["Flat", "IVF16,PQ4", "IVF16,PQ16x4fs", "IVF16,Flat"])
+def test_the_size_estimate_matches_the_serialized_index(factory):
+    vectors = clustered_vectors(2_000, 32, seed=4)
+    index = index_store.deserialize_index(train_index(factory, vectors, seed=0))
+    index.add_with_ids(vectors, np.arange(2_000, dtype=np.int64))
+    actual = len(index_store.serialize_index(index))
+    assert abs(estimate_index_bytes(factory, 2_000, 32) - actual) <= 0.03 * actual, actual  # fast-scan padding is an expectation
 
 
 @pytest.mark.parametrize(("dimension", "expected"), [(384, 48), (768, 96), (64, 8), (32, 4), (100, 10), (30, 3), (7, 1), (8, 1)])
@@ -114,23 +175,6 @@ def clustered_vectors(count: int, dimension: int, seed: int, clusters: int = 100
     return (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
 
 
-def store_vectors(root, vectors: np.ndarray, parts: int, seed: int) -> tuple[pa.Table, EmbeddingStore]:
-    """Write vectors as embedding parts in a shuffled order (as the actor pool would); returns (documents, store).
-
-    ``documents`` has position, id, text_hash: position i is vector i.
-    """
-    count = len(vectors)
-    ids = [f"doc{i}" for i in range(count)]
-    hashes = [f"hash{i}" for i in range(count)]
-    store = EmbeddingStore(str(root), EmbeddingConfig(model="synthetic"))
-    order = np.random.default_rng(seed).permutation(count)
-    for number, rows in enumerate(np.array_split(order, parts)):
-        part = pa.table({"id": [ids[i] for i in rows], "text_hash": [hashes[i] for i in rows], "embedding": embeddings_to_arrow(vectors[rows])})
-        storage.write_parquet_atomically(storage.join_url(store.url, f"part-{number:03d}.parquet"), part)
-    documents = pa.table({"position": pa.array(np.arange(count, dtype=np.int64)), "id": ids, "text_hash": hashes})
-    return documents, store
-
-
 def search_shards(shard_indexes: list[faiss.Index], queries: np.ndarray, k: int) -> np.ndarray:
     """Top-k global positions over every shard (each shard searched on its own, results merged by score)."""
     scores, positions = zip(*(index.search(queries, k) for index in shard_indexes))
@@ -147,8 +191,8 @@ def test_ivf_pq_index_finds_its_own_vectors(tmp_path):
     vectors = clustered_vectors(count, dimension, seed=0)
     documents, store = store_vectors(tmp_path, vectors, parts=4, seed=1)
     located = locate_vectors(documents, store.keys())
-    plan = choose_index_parameters(count, dimension, IndexConfig(shards=3))
-    assert plan.factory == "IVF128,PQ8" and plan.nprobe == 64
+    plan = choose_index_parameters(count, dimension, IndexConfig(shards=3, memory_budget="1MB"))  # Flat would need 5.3 MB
+    assert plan.factory == "IVF512,PQ8" and plan.nprobe == 512  # 20,000 vectors: probing every list scans fewer than 32k
 
     positions = sample_positions(count, plan.training_sample, plan.seed)
     assert len(positions) == plan.training_sample and np.all(np.diff(positions) > 0)
@@ -178,6 +222,34 @@ def test_ivf_pq_index_finds_its_own_vectors(tmp_path):
     found = search_shards(shard_indexes, vectors[queries], k=10)
     recall = float(np.mean([nearest[i, 0] in found[i] for i in range(len(queries))]))
     assert recall >= 0.95, f"1-recall@10 = {recall:.3f}"
+
+
+def test_a_fast_scan_index_round_trips_through_fill_shard_and_loading_and_finds_neighbours(tmp_path):
+    count, dimension = 4_000, 32
+    vectors = clustered_vectors(count, dimension, seed=11)
+    manifest = write_index_version(tmp_path, "IVF32,PQ16x4fs", vectors, shards=2, nprobe=16)
+    assert manifest["index"]["training_sample"] == count  # the rule's sample (at least 39 x 256), capped at the corpus
+    queries = vectors[::20]
+    exact = queries @ vectors.T
+    truth = np.argsort(-exact, axis=1)[:, :10]
+
+    def search(config: SearchConfig) -> dict:
+        searchers = [ShardSearcher(str(tmp_path), "v1", shard, config) for shard in range(2)]  # checksums verified
+        for searcher, entry in zip(searchers, manifest["shards"]):
+            ivf = faiss.downcast_index(faiss.extract_index_ivf(searcher.shard.index))
+            assert isinstance(ivf, faiss.IndexIVFPQFastScan) and ivf.nprobe == 16 and ivf.ntotal == entry["count"]
+            assert searcher.rescoring == config.exact_rescoring
+            assert searcher.shard.vectors is None if not config.exact_rescoring else searcher.shard.vectors.shape == (entry["count"], dimension)
+        batch = {"query_embedding": queries}
+        for searcher in searchers:
+            batch = searcher(batch)
+        batch["recall"] = np.mean([len(set(truth[i]) & set(batch["candidate_positions"][i])) / 10 for i in range(len(queries))])
+        return batch
+
+    rescored, approximate = search(SearchConfig(top_k=10)), search(SearchConfig(top_k=10, exact_rescoring=False))
+    assert rescored["recall"] >= 0.95 > approximate["recall"], (rescored["recall"], approximate["recall"])  # 0.98 and 0.75
+    np.testing.assert_allclose(rescored["candidate_scores"], np.take_along_axis(exact, rescored["candidate_positions"], axis=1), atol=1e-5)
+    assert faiss.extract_index_ivf(ShardSearcher(str(tmp_path), "v1", 0, SearchConfig(nprobe=3)).shard.index).nprobe == 3
 
 
 def test_training_reads_the_vectors_at_the_sampled_positions(tmp_path):

@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import os
+
 import faiss
 import numpy as np
 import pyarrow as pa
 import pytest
+from conftest import write_index_version
 
 from pipelines.index_building import make_empty_index, shard_ranges, train_index
-from pipelines.index_store import IndexShard, deserialize_index
+from pipelines.index_store import IndexShard, IndexValidationError, deserialize_index
 from pipelines.reranking import fuse_scores, rank_candidates, standardize
-from pipelines.shard_search import SearchConfig, ShardSearcher, empty_candidates, exact_scores, merge_top_k
+from pipelines.shard_search import (
+    BLAS_QUERY_THRESHOLD,
+    SearchConfig,
+    ShardSearcher,
+    empty_candidates,
+    exact_scores,
+    has_exact_scores,
+    merge_top_k,
+)
 
 
 def clustered_vectors(count: int, dimension: int, clusters: int, seed: int) -> np.ndarray:
@@ -22,11 +33,7 @@ def clustered_vectors(count: int, dimension: int, clusters: int, seed: int) -> n
 
 def make_searcher(index: faiss.Index, vectors: np.ndarray, first_position: int, config: SearchConfig) -> ShardSearcher:
     """A ShardSearcher over an in-memory shard (the constructor normally loads one from storage)."""
-    searcher = ShardSearcher.__new__(ShardSearcher)
-    searcher.shard = IndexShard(number=0, index=index, first_position=first_position, vectors=vectors)
-    searcher.config = config
-    searcher.candidates = max(config.top_k, config.rescoring_candidates or 5 * config.top_k) if config.exact_rescoring else config.top_k
-    return searcher
+    return ShardSearcher.from_shard(IndexShard(number=0, index=index, first_position=first_position, vectors=vectors), config)
 
 
 def build_shards(vectors: np.ndarray, factory: str, shards: int, nprobe: int) -> list[tuple[faiss.Index, np.ndarray, int]]:
@@ -112,6 +119,62 @@ def test_exact_scores_pads_missing_ids():
     vectors = np.eye(3, dtype=np.float32)
     scores = exact_scores(np.array([[1, 0, 0]], dtype=np.float32), vectors, np.array([[0, -1, 2]]))
     assert scores[0, 0] == pytest.approx(1.0) and np.isneginf(scores[0, 1]) and scores[0, 2] == pytest.approx(0.0)
+
+
+def test_exact_scores_equal_numpy_inner_products_with_padding():
+    rng = np.random.default_rng(0)
+    queries = rng.normal(size=(7, 24)).astype(np.float32)
+    vectors = rng.normal(size=(50, 24)).astype(np.float32)
+    ids = rng.integers(0, 50, size=(7, 30))
+    ids[rng.random(ids.shape) < 0.2] = -1
+    ids[3] = -1  # a query without candidates
+    scores = exact_scores(queries, vectors, ids)
+    expected = np.where(ids >= 0, np.einsum("qd,qkd->qk", queries, vectors[np.maximum(ids, 0)]), -np.inf)
+    assert scores.dtype == np.float32 and scores.shape == (7, 30)
+    np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-5)
+    assert np.array_equal(np.isneginf(scores), ids < 0)
+    assert exact_scores(queries, vectors, np.zeros((7, 0), dtype=np.int64)).shape == (7, 0)
+    with pytest.raises(ValueError, match="candidate id 50 is outside the shard's 50 vectors"):
+        exact_scores(queries, vectors, np.full((7, 1), 50))
+
+
+def test_only_indexes_with_approximate_scores_are_re_scored():
+    vectors = clustered_vectors(2000, 16, 10, seed=8)
+    exact = {factory: deserialize_index(train_index(factory, vectors, seed=0)) for factory in ("Flat", "IVF8,Flat")}
+    approximate = {factory: deserialize_index(train_index(factory, vectors, seed=0)) for factory in ("IVF8,PQ4", "IVF8,PQ8x4fs")}
+    assert all(has_exact_scores(index) for index in exact.values())
+    assert not any(has_exact_scores(index) for index in approximate.values())
+    assert not has_exact_scores(faiss.IndexFlatL2(16))  # distances, not inner products
+    config = SearchConfig(top_k=10, rescoring_candidates=40)
+    searcher = make_searcher(exact["Flat"], None, 0, config)  # no vectors needed
+    assert not searcher.rescoring and searcher.candidates == 10
+    searcher = make_searcher(approximate["IVF8,PQ4"], vectors, 0, config)
+    assert searcher.rescoring and searcher.candidates == 40
+    with pytest.raises(ValueError, match="exact re-scoring needs the shard's vectors"):
+        make_searcher(approximate["IVF8,PQ4"], None, 0, config)
+
+
+def test_flat_shards_are_searched_without_reading_their_vectors(tmp_path):
+    vectors = clustered_vectors(600, 16, 10, seed=9)
+    queries = clustered_vectors(20, 16, 10, seed=10)
+    manifest = write_index_version(tmp_path / "flat", "Flat", vectors, shards=2)
+    for entry in manifest["shards"]:  # a Flat searcher never opens them
+        os.remove(tmp_path / "flat" / "versions" / "v1" / entry["vectors_file"])
+    batch = {"query_embedding": queries}
+    for shard in range(2):
+        searcher = ShardSearcher(str(tmp_path / "flat"), "v1", shard, SearchConfig(top_k=10, nprobe=4))  # nprobe: no lists to probe
+        assert searcher.shard.vectors is None and not searcher.rescoring and searcher.candidates == 10
+        batch = searcher(batch)
+    assert faiss.cvar.distance_compute_blas_threshold == BLAS_QUERY_THRESHOLD  # query batches go to BLAS
+    exact = queries @ vectors.T
+    assert np.array_equal(batch["candidate_positions"], np.argsort(-exact, axis=1, kind="stable")[:, :10])
+    np.testing.assert_allclose(batch["candidate_scores"], np.sort(exact, axis=1)[:, ::-1][:, :10], atol=1e-5)
+
+    manifest = write_index_version(tmp_path / "pq", "IVF4,PQ8x4fs", vectors, shards=1)
+    os.remove(tmp_path / "pq" / "versions" / "v1" / manifest["shards"][0]["vectors_file"])
+    with pytest.raises(IndexValidationError, match="listed in the manifest but missing"):
+        ShardSearcher(str(tmp_path / "pq"), "v1", 0, SearchConfig(top_k=10))  # an approximate index needs them to re-score
+    assert ShardSearcher(str(tmp_path / "pq"), "v1", 0, SearchConfig(top_k=10, exact_rescoring=False)).shard.vectors is None
 
 
 def test_fusion_standardizes_within_each_query():
