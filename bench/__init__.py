@@ -8,7 +8,8 @@ Each benchmark is a module run from the repository root and prints a table and w
     python -m bench.rerank  [--quick]   cross-encoder pairs/s per backend
 
 :mod:`bench.common` holds the measurement plumbing (one process per variant, CPU time and memory
-of its process tree, interleaved rounds, tables, JSON); :mod:`bench.backends` the exported
-ONNX Runtime / OpenVINO models (fp32 and int8) that sentence-transformers cannot load here.
+of its process tree, interleaved rounds, tables, JSON); :mod:`bench.backends` the backends
+compared: the pipeline's OpenVINO int8 models (:mod:`pipelines.quantization`) and the OpenVINO fp32
+and ONNX Runtime baselines.
 See bench/README.md for what each benchmark measures and how to read it.
 """

@@ -29,7 +29,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 
@@ -291,7 +291,8 @@ class TreeSampler:
             except psutil.Error:
                 continue
             count += 1
-            if self.names.get(process.pid, "ray::IDLE") == "ray::IDLE":  # Ray renames a worker once it runs something
+            role = self.names.get(process.pid)
+            if role is None or role == "ray::IDLE" or role.endswith("default_worker.py"):  # Ray retitles a worker once it runs something
                 self.names[process.pid] = _process_role(process)
             self.first_cpu.setdefault(process.pid, cpu if initial else 0.0)
             self.last_cpu[process.pid] = cpu
@@ -306,7 +307,7 @@ class TreeSampler:
         while not self._stop.wait(self.interval):
             self._sample()
 
-    def __enter__(self) -> TreeSampler:
+    def __enter__(self) -> Self:
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
         return self
@@ -330,9 +331,11 @@ class TreeSampler:
 
 def _process_role(process) -> str:
     """A short name for a process: Ray's title (``ray::MapWorker(...)``, ``raylet``) or the program."""
+    import psutil
+
     try:
         arguments = process.cmdline()
-    except Exception:
+    except (OSError, psutil.Error):
         return "?"
     if not arguments:
         return "?"
@@ -368,7 +371,7 @@ def _worker_main(connection, factory: Callable[..., Callable], args: tuple, thre
         target = factory(*args)
         set_threads(threads, import_missing=False)
         connection.send(("ready", time.perf_counter() - started, set_threads_report(threads)))
-    except BaseException:
+    except BaseException:  # noqa: BLE001 - whatever failed, the parent gets the traceback
         connection.send(("error", traceback.format_exc()))
         return
     while True:
@@ -381,7 +384,7 @@ def _worker_main(connection, factory: Callable[..., Callable], args: tuple, thre
         wall_started, cpu_started = time.perf_counter(), time.process_time()
         try:
             value = target(message)
-        except BaseException:
+        except BaseException:  # noqa: BLE001 - reported to the parent, which raises it
             connection.send(("error", traceback.format_exc()))
             continue
         connection.send(("done", value, time.perf_counter() - wall_started, time.process_time() - cpu_started))
@@ -435,6 +438,8 @@ class VariantProcess:
         self.overall.peak_processes = max(self.overall.peak_processes, usage.peak_processes)
 
     def call(self, payload: Any) -> CallResult:
+        if payload is None:
+            raise ValueError("None is the worker's stop message; pass any other payload")
         with TreeSampler(self.process.pid) as sampler:
             self.connection.send(payload)
             reply = self.connection.recv()
@@ -464,7 +469,7 @@ class GemmProbe:
 
     The empirical ceiling a transformer's matrix products can reach on this CPU with these kernels,
     measured per CPU-second so that background load does not lower it. Run it in its own process
-    with one thread: ``VariantProcess("gemm", GemmProbe, threads=1).call(None).value``.
+    with one thread: ``VariantProcess("gemm", GemmProbe, threads=1).call("run").value``.
     """
 
     def __init__(self, size: int = 2048, seconds: float = 1.5):
@@ -497,6 +502,26 @@ class GemmProbe:
         return results
 
 
+def add_variant_arguments(parser, variants: Sequence[str], defaults: Sequence[str]) -> None:
+    """The flags every benchmark of variants takes: ``--variants``, ``--threads``, ``--batch-size``, ``--max-length``."""
+    parser.add_argument("--variants", default=",".join(defaults), help="comma-separated, from: " + ", ".join(variants) + " (or all)")
+    parser.add_argument("--threads", type=int, default=0, help="threads per variant (0 = all cores)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-length", type=int, default=256)
+
+
+def resolve_variants(parser, arguments, variants: Sequence[str], baseline: str) -> None:
+    """``arguments.variants`` as a list (``all`` = every one; the baseline first if missing), ``arguments.threads`` filled in."""
+    chosen = arguments.variants
+    arguments.variants = list(variants) if chosen == "all" else [name.strip() for name in chosen.split(",") if name.strip()]
+    unknown = [name for name in arguments.variants if name not in variants]
+    if unknown:
+        parser.error(f"unknown variants {unknown}; choose from {', '.join(variants)}")
+    if baseline not in arguments.variants:
+        arguments.variants.insert(0, baseline)
+    arguments.threads = arguments.threads or physical_cores()
+
+
 def rotated(names: Sequence[str], round_index: int) -> list[str]:
     """The order in which variants take their turn in a round: rotated by one each round."""
     shift = round_index % max(1, len(names))
@@ -519,16 +544,17 @@ def environment_report(threads: int) -> dict[str, Any]:
     model_name = platform.processor()
     flags: list[str] = []
     try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                model_name = line.split(":", 1)[1].strip()
-            if line.startswith("flags"):
-                flags = line.split(":", 1)[1].split()
-                break
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    model_name = line.split(":", 1)[1].strip()
+                if line.startswith("flags"):
+                    flags = line.split(":", 1)[1].split()
+                    break
     except OSError:
         pass
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPOSITORY, capture_output=True, text=True, timeout=5).stdout.strip()
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], check=False, cwd=REPOSITORY, capture_output=True, text=True, timeout=5).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit = "unknown"
     return {
@@ -602,7 +628,7 @@ class Timer:
     seconds: float = 0.0
     _started: float = field(default=0.0, repr=False)
 
-    def __enter__(self) -> Timer:
+    def __enter__(self) -> Self:
         self._started = time.perf_counter()
         return self
 

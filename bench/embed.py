@@ -3,12 +3,18 @@
 Variants (each in its own process, all with the same number of threads):
 
 - ``plain-fp32``: ``SentenceTransformer.encode`` in one process, fp32: what a user would write;
-- ``ray-fp32`` / ``ray-bf16``: our pipeline, ``pipelines.embedding.embed_documents`` (Ray Data actor
-  pool sized by ``plan_embedding_pool``) into an ``EmbeddingStore`` on a temporary folder, timed end to
-  end (planning, actor start and model load, embedding, Parquet write), on a local Ray instance;
+- ``ray-fp32`` / ``ray-bf16`` / ``ray-int8``: our pipeline, ``pipelines.embedding.embed_documents`` (Ray
+  Data actor pool sized by ``plan_embedding_pool``) into an ``EmbeddingStore`` on a temporary folder,
+  timed end to end (planning, actor start and model load, embedding, Parquet write), on a local Ray
+  instance; ``ray-int8`` is the CPU default: ``quantized_url`` = the ``openvino-int8`` model below;
 - ``torch-bf16``: ``pipelines.embedding.TextEncoder`` with ``precision="bf16"`` (CPU autocast);
-- ``onnx-fp32`` / ``onnx-int8`` / ``openvino-fp32`` / ``openvino-int8``: exported models
-  (:mod:`bench.backends`), batched like ``encode``.
+- ``openvino-int8``: the pipeline's int8 model called directly: ``pipelines.quantization.quantize_model``
+  (NNCF static quantization, calibrated on 300 seeded corpus documents + 100 train queries), run by
+  ``QuantizedTextEncoder``;
+- ``openvino-fp32`` / ``onnx-fp32`` / ``onnx-int8``: baselines (:mod:`bench.backends`).
+
+Each Ray variant is compared with the direct variant of the same backend ("Ray / direct": ``ray-int8``
+with ``openvino-int8``), with and without a job's fixed cost, measured on 8 documents each round.
 
 Throughput: the first ``--docs`` SciFact documents (title + " " + text, max length 256) are split into
 ``--rounds`` slices; in each round every variant embeds the same slice, in rotated order, so that
@@ -18,14 +24,15 @@ queries; exact inner-product top-10; nDCG@10 with ir_measures. Vectors are cache
 ``~/.cache/retrieval-pipelines/bench/embeddings/`` (the throughput documents go into the cache too),
 so a rerun only embeds what is missing.
 
-    python -m bench.embed --quick                         # smoke run, about two minutes
-    python -m bench.embed                                 # 2,000 docs x 8 variants + full-corpus nDCG
-    python -m bench.embed --variants plain-fp32,openvino-int8 --quality-docs 0
+    python -m bench.embed --quick                         # smoke run, a few minutes
+    python -m bench.embed                                 # 2,000 docs x 7 variants + full-corpus nDCG
+    python -m bench.embed --variants ray-int8 --quality-docs 0
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import shutil
 import tempfile
@@ -37,10 +44,11 @@ import numpy as np
 from bench import backends
 from bench.common import (
     RESULTS,
+    GemmProbe,
     SciFact,
     VariantProcess,
-    GemmProbe,
     VectorCache,
+    add_variant_arguments,
     environment_report,
     exact_top_k,
     file_digest,
@@ -48,25 +56,31 @@ from bench.common import (
     load_scifact,
     median,
     ndcg_at_10,
-    physical_cores,
     prepare_environment,
+    resolve_variants,
     rotated,
     write_results,
 )
 
-DEFAULT_VARIANTS = ("plain-fp32", "ray-fp32", "torch-bf16", "onnx-int8", "openvino-int8")
+DEFAULT_VARIANTS = ("plain-fp32", "ray-fp32", "torch-bf16", "onnx-int8", "openvino-int8", "ray-int8")
 VARIANTS = {
     # name: (backend whose vectors it produces, what it is)
     "plain-fp32": ("torch-fp32", "SentenceTransformer.encode, fp32, one process"),
     "ray-fp32": ("torch-fp32", "pipelines.embedding.embed_documents (Ray Data actor pool), fp32"),
     "torch-bf16": ("torch-bf16", "pipelines.embedding.TextEncoder, precision=bf16 (autocast)"),
     "ray-bf16": ("torch-bf16", "pipelines.embedding.embed_documents, precision=bf16"),
+    "openvino-int8": ("openvino-int8", "pipelines.quantization.QuantizedTextEncoder: OpenVINO static int8 (NNCF, 300 corpus docs + 100 train queries)"),
+    "ray-int8": ("openvino-int8", "pipelines.embedding.embed_documents, precision=int8 on the openvino-int8 model (the CPU default)"),
     "onnx-fp32": ("onnx-fp32", "ONNX Runtime, fused graph, fp32"),
     "onnx-int8": ("onnx-int8", "ONNX Runtime, fused graph, dynamic int8 (per-channel weights)"),
-    "openvino-fp32": ("openvino-fp32", "OpenVINO, fp32"),
-    "openvino-int8": ("openvino-int8", "OpenVINO, static int8 (NNCF, 300 corpus docs + 100 train queries)"),
+    "openvino-fp32": ("openvino-fp32", "OpenVINO fp32 (the int8 model's export without NNCF), QuantizedTextEncoder"),
 }
 BASELINE = "plain-fp32"
+
+
+def direct_variant(name: str) -> str:
+    """The variant that calls the backend of Ray variant ``name`` directly (``ray-int8`` → ``openvino-int8``)."""
+    return next(other for other, (backend, _) in VARIANTS.items() if backend == VARIANTS[name][0] and not other.startswith("ray-"))
 
 
 # --------------------------------------------------------------------------- variants (built in their own process)
@@ -100,9 +114,12 @@ class PipelineEncoder:
 
 
 class RayPipeline:
-    """``embed_documents`` on a local Ray instance: payload (precision, ids, texts) → vectors in input order."""
+    """``embed_documents`` on a local Ray instance: payload (precision, ids, texts) → vectors in input order.
 
-    def __init__(self, cpus: int, max_length: int, batch_size: int):
+    Precision ``int8`` runs the quantized model at ``quantized_url``, as ``jobs.build_index`` does on CPU.
+    """
+
+    def __init__(self, cpus: int, max_length: int, batch_size: int, quantized_url: str = ""):
         import ray
         from ray.data import DataContext
 
@@ -111,22 +128,31 @@ class RayPipeline:
         DataContext.get_current().enable_progress_bars = False
         self.max_length = max_length
         self.batch_size = batch_size
+        self.quantized_url = quantized_url
 
     def __call__(self, payload: tuple[str, list[str], list[str]]) -> np.ndarray:
         import pyarrow as pa
         import ray
 
-        from pipelines import storage
+        from pipelines import quantization, storage
         from pipelines.documents import content_hash
-        from pipelines.embedding import EmbeddingConfig, EmbeddingStore, arrow_to_embeddings, embed_documents
+        from pipelines.embedding import (
+            EmbeddingConfig,
+            EmbeddingStore,
+            arrow_to_embeddings,
+            embed_documents,
+        )
 
         precision, ids, texts = payload
         config = EmbeddingConfig(model="bundled", precision=precision, max_seq_length=self.max_length, batch_size=self.batch_size, device="cpu")
         table = pa.table({"id": ids, "text_hash": [content_hash(text) for text in texts], "content": texts})
+        quantized_url = self.quantized_url if precision == "int8" else ""
+        if precision == "int8" and not quantized_url:
+            raise ValueError("ray-int8 needs the openvino-int8 model (bench.backends.prepare)")
         folder = tempfile.mkdtemp(prefix="bench-embed-")
         try:
-            store = EmbeddingStore(folder, config)
-            rows, _ = embed_documents(ray.data.from_arrow(table), store, config)
+            store = EmbeddingStore(folder, config, quantization.read_settings(quantized_url) if quantized_url else None)
+            rows, _ = embed_documents(ray.data.from_arrow(table), store, config, quantized_url)
             if rows != len(ids):
                 raise RuntimeError(f"embed_documents wrote {rows} rows for {len(ids)} documents")
             by_id = {}
@@ -144,10 +170,10 @@ class RayPipeline:
 
 
 class ExportedEncoder:
-    """An exported model (:mod:`bench.backends`) behind the same call."""
+    """An OpenVINO or ONNX Runtime backend (:func:`bench.backends.load_backend`) behind the same call."""
 
-    def __init__(self, model_path: str, path: str, backend: str, threads: int, max_length: int, batch_size: int):
-        self.encoder = backends.ExportedBiEncoder(model_path, path, backend, threads, max_length, batch_size)
+    def __init__(self, path: str, backend: str, threads: int, max_length: int, batch_size: int):
+        self.encoder = backends.load_backend(backend, "bi-encoder", path, threads, batch_size, max_length)
 
     def __call__(self, texts: list[str]) -> np.ndarray:
         return self.encoder.encode(texts)
@@ -219,23 +245,17 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--docs", type=int, default=2000, help="documents for the throughput measurement (0 = skip it)")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds the throughput documents are split into")
     parser.add_argument("--quality-docs", type=_parse_quality, default=None, metavar="all|N", help="documents for nDCG@10 (0 = skip) [all]")
-    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help="comma-separated, from: " + ", ".join(VARIANTS) + " (or all)")
-    parser.add_argument("--threads", type=int, default=0, help="threads per variant (0 = all cores)")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--max-length", type=int, default=256)
+    add_variant_arguments(parser, VARIANTS, DEFAULT_VARIANTS)
     parser.add_argument("--calibration-docs", type=int, default=300, help="corpus documents to calibrate OpenVINO int8 on")
     parser.add_argument("--output", default=str(RESULTS / "embed.json"))
     arguments = parser.parse_args(argv)
     if arguments.quick:
         arguments.docs = min(arguments.docs, 128)
         arguments.quality_docs = 600 if arguments.quality_docs is None else min(arguments.quality_docs, 600)
-    arguments.variants = list(VARIANTS) if arguments.variants == "all" else [name.strip() for name in arguments.variants.split(",") if name.strip()]
-    unknown = [name for name in arguments.variants if name not in VARIANTS]
-    if unknown:
-        parser.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
-    if BASELINE not in arguments.variants:
-        arguments.variants.insert(0, BASELINE)
-    arguments.threads = arguments.threads or physical_cores()
+    resolve_variants(parser, arguments, VARIANTS, BASELINE)
+    for name in list(arguments.variants):  # a Ray variant is read against its backend called directly
+        if name.startswith("ray-") and direct_variant(name) not in arguments.variants:
+            arguments.variants.insert(arguments.variants.index(name), direct_variant(name))
     return arguments
 
 
@@ -255,10 +275,11 @@ def start_variants(arguments, model_path: str, exports: dict[str, Path]) -> dict
             workers[name] = VariantProcess(name, PipelineEncoder, "bf16", length, batch, threads, threads=threads)
         elif name.startswith("ray-"):
             if ray_worker is None:
-                ray_worker = VariantProcess("ray", RayPipeline, threads, length, batch, threads=threads)
+                quantized_url = str(exports.get("openvino-int8", ""))
+                ray_worker = VariantProcess("ray", RayPipeline, threads, length, batch, quantized_url, threads=threads)
             workers[name] = ray_worker
         else:
-            workers[name] = VariantProcess(name, ExportedEncoder, model_path, str(exports[name]), name, threads, length, batch, threads=threads)
+            workers[name] = VariantProcess(name, ExportedEncoder, str(exports[name]), name, threads, length, batch, threads=threads)
         print(f"  started {name} in {time.perf_counter() - started:.1f} s (load {workers[name].load_s:.1f} s, threads {workers[name].thread_report})", flush=True)
     return workers
 
@@ -272,7 +293,7 @@ def run_call(worker: VariantProcess, name: str, ids: list[str], texts: list[str]
 def main(argv: list[str] | None = None) -> dict:
     prepare_environment()
     arguments = parse_arguments(argv)
-    from pipelines.models import resolve_model_reference
+    from pipelines.models import load_sentence_transformer, resolve_model_reference
 
     model_path = resolve_model_reference("bundled")
     scifact = load_scifact()
@@ -280,18 +301,18 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{environment['cpu']}, {environment['cores']} cores, load {environment['load_average_at_start']}; variants: {', '.join(arguments.variants)}", flush=True)
     model_digest = file_digest(Path(model_path) / "model.safetensors", extra={"max_length": arguments.max_length})
 
-    # Exports (cached) for the exported backends, calibrated on a seeded corpus sample plus train queries.
-    exported = [name for name in arguments.variants if name in backends.BACKENDS]
+    # Exports (cached) for the OpenVINO and ONNX Runtime backends; int8 calibrated on a seeded corpus sample plus train queries.
+    exported = sorted({VARIANTS[name][0] for name in arguments.variants} & set(backends.BACKENDS))
     rng = np.random.default_rng(1)
     calibration = [scifact.doc_texts[i] for i in sorted(rng.choice(len(scifact.doc_texts), arguments.calibration_docs, replace=False))]
     calibration += scifact.train_query_texts[:100]
-    exports: dict[str, Path] = {}
-    export_seconds = 0.0
-    if exported:
-        started = time.perf_counter()
-        exports = backends.prepare(model_path, "bi-encoder", exported, calibration, arguments.max_length)
-        export_seconds = time.perf_counter() - started
-        print(f"exports ready in {export_seconds:.1f} s: {sorted(str(path) for path in exports.values())}", flush=True)
+    load = functools.partial(load_sentence_transformer, model_path, "cpu", arguments.max_length)  # as the indexing job loads it
+    exports, export_seconds = backends.prepare(load, model_path, "bi-encoder", exported, calibration, arguments.max_length)
+
+    probe = VariantProcess("gemm", GemmProbe, threads=1)  # first: a failure here costs nothing
+    ceilings = probe.call("run").value
+    probe.close()
+    print(f"matrix-product ceilings (GFLOP per CPU-second, 1 thread): { {key: round(value) for key, value in ceilings.items()} }", flush=True)
 
     workers = start_variants(arguments, model_path, exports)
     names = arguments.variants
@@ -316,6 +337,7 @@ def main(argv: list[str] | None = None) -> dict:
                 if name.startswith("ray-"):
                     # A job's fixed cost (Ray Data planning, actor start, model load), measured on 8 documents.
                     row["overhead_s"] = row.get("overhead_s", 0.0) + run_call(workers[name], name, ids[:8], texts[:8]).wall_s
+                    row["overhead_jobs"] = row.get("overhead_jobs", 0) + 1
                 result = run_call(workers[name], name, ids, texts)
                 row["wall_s"] += result.wall_s
                 row["cpu_s"] += result.cpu_s
@@ -342,8 +364,8 @@ def main(argv: list[str] | None = None) -> dict:
             if not name.startswith("ray-"):
                 direct.setdefault(VARIANTS[name][0], name)
         for backend_name, name in direct.items():
-            # Torch backends are keyed by the model file; exported ones by the exported file itself.
-            key = file_digest(exports[backend_name], extra={"max_length": arguments.max_length}) if backend_name in exports else model_digest
+            # Torch backends are keyed by the model file; exported ones by their own model files.
+            key = backends.backend_digest(exports[backend_name], arguments.max_length) if backend_name in exports else model_digest
             cache = VectorCache(f"{backend_name}-{key}")
             if vectors[name]:
                 cache.put(scifact.doc_ids[:count], np.concatenate(vectors[name]))
@@ -410,12 +432,14 @@ def main(argv: list[str] | None = None) -> dict:
     for name in names:
         if name.startswith("ray-"):
             row = results[name]
-            same = "plain-fp32" if name == "ray-fp32" else "torch-bf16"
+            same = direct_variant(name)
             if same in results and results[same]["docs"] and row["docs"]:
                 row["vs_direct"] = results[same]["wall_s"] / row["wall_s"]
-                steady_s = row["wall_s"] - row.get("overhead_s", 0.0)
-                row["docs_per_s_steady"] = row["docs"] / steady_s
-                row["vs_direct_steady"] = results[same]["wall_s"] / steady_s
+                steady_s = row["wall_s"] - row.get("overhead_s", 0.0)  # one fixed cost per timed job (one per round)
+                row["overhead_per_job_s"] = row.get("overhead_s", 0.0) / max(1, row.get("overhead_jobs", 0))
+                if steady_s > 0:  # else the slices are too small to tell the fixed cost from the rest
+                    row["docs_per_s_steady"] = row["docs"] / steady_s
+                    row["vs_direct_steady"] = results[same]["wall_s"] / steady_s
 
     # FLOPs per document and the bound they put on docs/s.
     from transformers import AutoTokenizer
@@ -426,9 +450,6 @@ def main(argv: list[str] | None = None) -> dict:
     lengths = np.array([len(ids) for ids in tokenizer(sample_texts, truncation=True, max_length=arguments.max_length)["input_ids"]])
     flops_per_doc = float(encoder_flops(lengths, model_config).mean())
     padding = padding_analysis(lengths, sample_texts, arguments.batch_size, 256, model_config)
-    probe = VariantProcess("gemm", GemmProbe, threads=1)
-    ceilings = probe.call(None).value
-    probe.close()
     bounds_rows = [
         {"precision": precision, "gemm_gflop_per_cpu_s": gflops, "max_docs_per_cpu_s": gflops * 1e9 / flops_per_doc,
          "max_docs_per_s": arguments.threads * gflops * 1e9 / flops_per_doc, "max_speedup": gflops * 1e9 / flops_per_doc / results[BASELINE]["docs_per_cpu_s"] if results[BASELINE].get("docs_per_cpu_s") else None}
@@ -454,7 +475,7 @@ def main(argv: list[str] | None = None) -> dict:
         ("cpu_speedup", "x plain (CPU)", ".2f"),
         ("cores_busy", "cores busy", ".2f"),
         ("vs_direct", "Ray / direct", ".2f"),
-        ("overhead_s", "Ray job overhead s", ".1f"),
+        ("overhead_per_job_s", "Ray fixed cost s per job", ".1f"),
         ("vs_direct_steady", "Ray / direct w/o overhead", ".2f"),
         ("gflop_per_cpu_s", "GFLOP/CPU-s", ".0f"),
         ("of_ceiling", "of GEMM ceiling", ".0%"),

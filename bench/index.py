@@ -6,23 +6,26 @@ of random pairs 0.14) and a covariance whose eigenvalues fall off as 1/i in a ra
 a mixture of ``--clusters`` gaussian clusters of lognormal sizes. Queries are drawn from the same
 distribution (not from the base set). Ground truth is brute force (numpy, in chunks).
 
-Every configuration is searched through ``pipelines.shard_search.ShardSearcher`` (one shard, batches
-of 256 queries, its merge, and its exact re-scoring of ``depth`` candidates against the shard's
-stored vectors; 200 = 2 x top-k is today's default), in one of two modes:
+Every configuration is searched through ``pipelines.shard_search.ShardSearcher`` (one shard in
+memory, ``ShardSearcher.from_shard``; batches of 256 queries, its merge, and its exact re-scoring of
+``depth`` candidates against the shard's float32 vectors), in one of two modes:
 
-- ``[today]``: faiss 1.15 and the pipeline as they are;
-- ``[proposed]``: two small searcher changes: ``faiss.cvar.distance_compute_blas_threshold = 20``
+- ``[pipeline]``: the searcher as it is: it sets ``faiss.cvar.distance_compute_blas_threshold = 20``
   (faiss 1.15 keeps batches under 128,000 query x dimension values off BLAS: a batch of 256 384-d
-  queries ran 7x slower on 2 threads) and exact scores with ``faiss.fvec_inner_products_by_idx``
-  instead of an einsum over the gathered candidates (:func:`faiss_exact_scores`).
+  queries ran 7.6x slower on 2 threads), re-scores with ``faiss.fvec_inner_products_by_idx``
+  (``pipelines.shard_search.exact_scores``) and does not re-score exact indexes (Flat);
+- ``[old]``: the searcher before issue 5, for a baseline: faiss's default threshold and an einsum over
+  the gathered candidates (:func:`numpy_exact_scores`).
 
 Indexes: ``Flat`` (as ``make_empty_index("Flat")`` builds it); the IVF-PQ of ``choose_index_parameters``
-(trained by ``pipelines.index_building.train_index`` on the sample the rule asks for, filled like
-``fill_shard``); other codecs (8-bit PQ, 4-bit fast-scan PQ) on its coarse quantizer; other nlist
-trained the same way; ``Refine(SQfp16)`` / ``Refine(SQ8)`` rows re-score in faiss (``IndexRefine``)
-against 2- or 1-byte-per-dimension copies of the vectors instead of the searcher's float32 ones.
-"x Flat (BLAS)" compares with Flat [proposed], the faster exact baseline. :func:`proposed_index_parameters` is the
-rule proposed for ``choose_index_parameters``.
+(``IVF4096,PQ192x4fs`` at 1M; under 250,000 vectors the rule picks Flat, and the IVF-PQ it would pick
+from 250,000 up is built at this size instead), trained by ``pipelines.index_building.train_index`` on
+the sample the rule asks for and filled like ``fill_shard``; the previous rule's index
+(:func:`old_index_parameters`, ``IVF4096,PQ48``, nprobe 128 at 1M), trained the same way; other codecs
+(8-bit PQ, 4-bit fast-scan PQ) on the rule's coarse quantizer; other nlist trained the same way;
+``Refine(SQfp16)`` / ``Refine(SQ8)`` rows re-score in faiss (``IndexRefine``) against 2- or
+1-byte-per-dimension copies of the vectors instead of the searcher's float32 ones. "x Flat" compares
+with ``Flat [pipeline]`` (BLAS), "x Flat [old]" with faiss's default path.
 
 Each configuration runs ``--repeats`` times in rotating order together with Flat; queries/s are
 medians and speed-ups per repeat (median), so that background load falls on all alike.
@@ -42,7 +45,16 @@ from unittest import mock
 
 import numpy as np
 
-from bench.common import RESULTS, environment_report, format_table, median, physical_cores, prepare_environment, set_threads, write_results
+from bench.common import (
+    RESULTS,
+    environment_report,
+    format_table,
+    median,
+    physical_cores,
+    prepare_environment,
+    set_threads,
+    write_results,
+)
 
 TOP_K = 100
 CHUNK = 100_000
@@ -125,69 +137,61 @@ def recall(found: np.ndarray, truth: np.ndarray, k: int) -> float:
     return float(np.mean(hits) / k)
 
 
-def faiss_exact_scores(queries: np.ndarray, vectors: np.ndarray, local_ids: np.ndarray) -> np.ndarray:
-    """``pipelines.shard_search.exact_scores`` with faiss's gather-and-dot kernel (float32 vectors; else the original).
-
-    Proposed for the pipeline: 4x faster than the einsum over a gathered (queries, candidates, d)
-    array, and no such array in memory.
-    """
-    import faiss
-
-    if vectors.dtype != np.float32 or not vectors.flags.c_contiguous:
-        return ORIGINAL_EXACT_SCORES(queries, vectors, local_ids)
-    queries = np.ascontiguousarray(queries, dtype=np.float32)
-    ids = np.ascontiguousarray(np.where(local_ids >= 0, local_ids, 0), dtype=np.int64)
-    scores = np.empty(ids.shape, dtype=np.float32)
-    faiss.fvec_inner_products_by_idx(faiss.swig_ptr(scores), faiss.swig_ptr(queries), faiss.swig_ptr(vectors), faiss.swig_ptr(ids),
-                                     queries.shape[1], ids.shape[0], ids.shape[1])
-    return np.where(local_ids >= 0, scores, -np.inf).astype(np.float32)
+def numpy_exact_scores(queries: np.ndarray, vectors: np.ndarray, local_ids: np.ndarray) -> np.ndarray:
+    """``pipelines.shard_search.exact_scores`` before issue 5: an einsum over the gathered (queries, candidates, d) array."""
+    valid = local_ids >= 0
+    gathered = vectors[np.where(valid, local_ids, 0)]
+    scores = np.einsum("qd,qkd->qk", queries, gathered, dtype=np.float32)
+    return np.where(valid, scores, -np.inf).astype(np.float32)
 
 
-ORIGINAL_EXACT_SCORES = None  # pipelines.shard_search.exact_scores, captured (after faiss's import settings) before patching
-
-
-def _original_exact_scores():
-    from pipelines.shard_search import exact_scores
-
-    return exact_scores
+FAISS_DEFAULT_BLAS_THRESHOLD = None  # faiss's own value, read by main before any searcher sets it
 
 
 @contextlib.contextmanager
 def searcher_mode(mode: str):
-    """``today``: faiss and pipeline defaults. ``proposed``: BLAS for query batches, faiss re-scoring.
-
-    faiss 1.15 searches flat codes with its sequential kernel while queries x dimension < 128,000
-    (``distance_compute_blas_threshold``, was 20 queries): a batch of 256 384-d queries stays under it
-    and runs 7x slower on 2 threads than with BLAS; 20 restores the old behaviour.
-    """
+    """Within: searchers made by :func:`make_searcher` run as ``pipeline`` (as they are) or ``old`` (before issue 5)."""
     import faiss
 
     from pipelines import shard_search
 
-    global ORIGINAL_EXACT_SCORES
-    ORIGINAL_EXACT_SCORES = ORIGINAL_EXACT_SCORES or _original_exact_scores()
-    if mode == "today":
+    if mode == "pipeline":
         yield
         return
     saved = faiss.cvar.distance_compute_blas_threshold
-    faiss.cvar.distance_compute_blas_threshold = 20
     try:
-        with mock.patch.object(shard_search, "exact_scores", faiss_exact_scores):
+        with mock.patch.object(shard_search, "exact_scores", numpy_exact_scores):
             yield
     finally:
         faiss.cvar.distance_compute_blas_threshold = saved
 
 
-def make_searcher(index, vectors: np.ndarray | None, nprobe: int, depth: int, threads: int):
-    """A real ``ShardSearcher`` over an in-memory shard (its storage loading patched out)."""
-    from pipelines import index_store
+def make_searcher(index, vectors: np.ndarray | None, nprobe: int, depth: int, threads: int, mode: str = "pipeline"):
+    """A real ``ShardSearcher`` over an in-memory shard; in ``old`` mode with faiss's default BLAS threshold again."""
+    import faiss
+
     from pipelines.index_store import IndexShard
     from pipelines.shard_search import SearchConfig, ShardSearcher
 
     shard = IndexShard(number=0, index=index, first_position=0, vectors=vectors if depth else None)
     config = SearchConfig(top_k=TOP_K, exact_rescoring=bool(depth), rescoring_candidates=depth, nprobe=nprobe)
-    with mock.patch.object(index_store, "read_manifest", return_value={}), mock.patch.object(index_store, "load_shard", return_value=shard):
-        return ShardSearcher("memory://unused", "unused", 0, config, threads=threads)
+    searcher = ShardSearcher.from_shard(shard, config, threads=threads)
+    if mode == "old":
+        assert FAISS_DEFAULT_BLAS_THRESHOLD is not None, "main records faiss's default first"
+        faiss.cvar.distance_compute_blas_threshold = FAISS_DEFAULT_BLAS_THRESHOLD
+    return searcher
+
+
+def default_rescoring_depth(threads: int) -> int:
+    """The candidates ``ShardSearcher`` re-scores for an approximate index when ``SearchConfig.rescoring_candidates`` is left at 0."""
+    import faiss
+
+    from pipelines.index_store import IndexShard
+    from pipelines.shard_search import SearchConfig, ShardSearcher
+
+    approximate = faiss.IndexScalarQuantizer(4, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
+    shard = IndexShard(number=0, index=approximate, first_position=0, vectors=np.zeros((0, 4), dtype=np.float32))
+    return int(ShardSearcher.from_shard(shard, SearchConfig(top_k=TOP_K), threads=threads).candidates)
 
 
 def run_searcher(searcher, queries: np.ndarray, batch: int = 256) -> tuple[np.ndarray, float]:
@@ -200,36 +204,27 @@ def run_searcher(searcher, queries: np.ndarray, batch: int = 256) -> tuple[np.nd
     return np.concatenate(out), time.perf_counter() - started
 
 
-def proposed_index_parameters(count: int, dimension: int, config):
-    """The rule proposed for ``pipelines.index_building.choose_index_parameters`` (same signature and plan).
+def old_index_parameters(count: int, dimension: int):
+    """The plan ``choose_index_parameters`` made before issue 5, for the baseline row.
 
-    - under 2,000 vectors: exact (flat) search;
-    - otherwise IVF with about 4·sqrt(n) lists (a power of two, at least 39 training points per list)
-      and 4-bit fast-scan PQ with one sub-quantizer per 2 dimensions (96 bytes for 384-d);
-    - nprobe = nlist / 32 between 16 and 256 (128 for 4096 lists); one shard per million vectors.
-    With 500 candidates re-scored exactly (5 x top-k) this gave recall@100 0.97 on 1M 384-d vectors.
+    Flat under 2,000 vectors; IVF with a power of two near sqrt(n) lists (4·sqrt(n) from a million up),
+    at least 39 vectors per list, and 8-bit PQ with one byte per 8 dimensions; nprobe half the lists,
+    at most 128; shards and training sample as today.
     """
-    from pipelines.index_building import FLAT_BELOW, IndexPlan, _power_of_two, ivf_list_count, pq_subquantizers
+    from pipelines.index_building import (
+        IndexConfig,
+        _power_of_two,
+        choose_index_parameters,
+        ivf_list_count,
+        pq_subquantizers,
+    )
 
-    if config.factory == "auto":
-        if count < FLAT_BELOW:
-            factory = "Flat"
-        else:
-            nlist = _power_of_two(4 * math.sqrt(count))
-            nlist = max(1, min(nlist, count // 39))
-            factory = f"IVF{nlist},PQ{pq_subquantizers(dimension, dims_per_code=2)}x4fs"
-    else:
-        factory = config.factory
-    nlist = ivf_list_count(factory, dimension)
-    nprobe = config.nprobe or (min(nlist, 256, max(16, nlist // 32)) if nlist else 0)
-    shards = config.shards or max(1, math.ceil(count / 1_000_000))
-    shards = max(1, min(shards, max(1, count)))
-    if config.training_sample:
-        sample = config.training_sample
-    else:
-        sample = max(256 * 39, 64 * nlist) if nlist else 0
-        sample = min(sample, 500_000)
-    return IndexPlan(factory=factory, nprobe=nprobe, shards=shards, training_sample=min(sample, count), seed=config.seed)
+    factory = "Flat"
+    if count >= 2_000:
+        nlist = max(1, min(_power_of_two(math.sqrt(count) * (4 if count >= 1_000_000 else 1)), count // 39))
+        factory = f"IVF{nlist},PQ{pq_subquantizers(dimension)}"
+    nprobe = min(128, max(1, ivf_list_count(factory, dimension) // 2)) if factory != "Flat" else 0
+    return choose_index_parameters(count, dimension, IndexConfig(factory=factory, nprobe=nprobe))
 
 
 @dataclass
@@ -262,7 +257,12 @@ def build_with_pipeline(base: np.ndarray, factory: str) -> BuiltIndex:
     import faiss
 
     from pipelines import index_store
-    from pipelines.index_building import IndexConfig, choose_index_parameters, sample_positions, train_index
+    from pipelines.index_building import (
+        IndexConfig,
+        choose_index_parameters,
+        sample_positions,
+        train_index,
+    )
 
     plan = choose_index_parameters(len(base), base.shape[1], IndexConfig(factory=factory))
     sample = base[sample_positions(len(base), plan.training_sample, plan.seed)]
@@ -283,7 +283,12 @@ def build_sharing_quantizer(base: np.ndarray, reference: BuiltIndex, codec: str,
     import faiss
 
     from pipelines import index_store
-    from pipelines.index_building import IndexConfig, choose_index_parameters, make_empty_index, sample_positions
+    from pipelines.index_building import (
+        IndexConfig,
+        choose_index_parameters,
+        make_empty_index,
+        sample_positions,
+    )
 
     factory = f"IVF{reference.nlist},{codec}"
     plan = choose_index_parameters(len(base), base.shape[1], IndexConfig(factory=factory))
@@ -318,7 +323,7 @@ class Case:
     nprobe: int
     depth: int
     vectors: str | None  # float32 (the searcher re-scores), SQfp16 / SQ8 (faiss IndexRefine re-scores), None
-    mode: str  # today or proposed
+    mode: str  # pipeline or old (see searcher_mode)
     repeats: int = 0  # 0 = every repeat
 
     @property
@@ -360,13 +365,13 @@ def parse_pairs(text: str) -> list[tuple[int, int]]:
 
 def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="100k vectors, 200 queries, 200 clusters, 2 repeats, a smaller grid")
+    parser.add_argument("--quick", action="store_true", help="100k vectors, 200 queries, 200 clusters, 2 repeats, a smaller grid (the rule picks Flat there)")
     parser.add_argument("--count", type=int, default=1_000_000)
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--clusters", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--nprobes", default="32,64,128,256", help="nprobe grid at the rule's nlist (scaled for other nlist)")
-    parser.add_argument("--depths", default="0,200,500,1000", help="re-scored candidates (0 = none; 200 = 2 x top-k, today's default)")
+    parser.add_argument("--depths", default="0,200,500,1000", help="re-scored candidates (0 = none)")
     parser.add_argument("--codecs", default="PQ32,PQ96,PQ96x4fs", help="other codecs on the rule's coarse quantizer (8-bit PQm, or 4-bit fast-scan PQmx4fs)")
     parser.add_argument("--nlists", default="1024", help="other nlist, trained like the rule's (0 = none)")
     parser.add_argument("--pairs", default="64:500,128:500,128:1000", help="nprobe:depth (at the rule's nlist) for the other indexes and the Refine rows")
@@ -376,7 +381,7 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     arguments = parser.parse_args(argv)
     if arguments.quick:
         arguments.count, arguments.queries, arguments.clusters, arguments.repeats = min(arguments.count, 100_000), min(arguments.queries, 200), min(arguments.clusters, 200), 2
-        arguments.nlists, arguments.nprobes, arguments.depths, arguments.pairs, arguments.codecs = "0", "8,32,128", "0,200,500", "32:500", "PQ96x4fs"
+        arguments.nlists, arguments.nprobes, arguments.depths, arguments.pairs, arguments.codecs = "0", "64,256", "0,200,500", "128:500", "PQ96x4fs"
     arguments.threads = arguments.threads or physical_cores()
     return arguments
 
@@ -386,12 +391,14 @@ def main(argv: list[str] | None = None) -> dict:
     arguments = parse_arguments(argv)
     import faiss
 
+    from pipelines import index_building
     from pipelines.index_building import IndexConfig, choose_index_parameters
 
     threads = set_threads(arguments.threads)
     environment = environment_report(arguments.threads)
     environment.update(threads)
-    environment["faiss_distance_compute_blas_threshold"] = faiss.cvar.distance_compute_blas_threshold
+    global FAISS_DEFAULT_BLAS_THRESHOLD
+    FAISS_DEFAULT_BLAS_THRESHOLD = environment["faiss_distance_compute_blas_threshold"] = faiss.cvar.distance_compute_blas_threshold
     spec = SyntheticSpec(count=arguments.count, queries=arguments.queries, clusters=arguments.clusters, seed=arguments.seed)
     print(f"{environment['cpu']}, {environment['cores']} cores, load {environment['load_average_at_start']}, faiss threads {faiss.omp_get_max_threads()}", flush=True)
 
@@ -411,34 +418,38 @@ def main(argv: list[str] | None = None) -> dict:
         "query_top100_cosine": float((queries * base[truth[:, -1]]).sum(1).mean()),
     }
 
-    # Indexes: Flat; the rule's (trained by the pipeline's code); other codecs on its quantizer; other nlist.
+    # Indexes: Flat; the rule's IVF-PQ and the old rule's (trained by the pipeline's code); other codecs on the
+    # rule's quantizer; other nlist.
     rule = choose_index_parameters(spec.count, spec.dimension, IndexConfig())
-    proposed = proposed_index_parameters(spec.count, spec.dimension, IndexConfig())
-    print(f"choose_index_parameters -> {rule.factory}, nprobe {rule.nprobe}; proposed -> {proposed.factory}, nprobe {proposed.nprobe}", flush=True)
+    ivf_rule = rule
+    if rule.factory == "Flat":  # the IVF-PQ the rule picks from FLAT_BELOW up, at this size
+        ivf_rule = choose_index_parameters(spec.count, spec.dimension, IndexConfig(factory=f"IVF{index_building.ivf_lists(spec.count)},{index_building.pq_codecs(spec.dimension)[0]}"))
+    old = old_index_parameters(spec.count, spec.dimension)
+    print(f"choose_index_parameters -> {rule.factory}, nprobe {rule.nprobe}" + (f" (IVF-PQ: {ivf_rule.factory}, nprobe {ivf_rule.nprobe})" if ivf_rule is not rule else "")
+          + f"; old rule -> {old.factory}, nprobe {old.nprobe}", flush=True)
     indexes: dict[str, BuiltIndex] = {"Flat": build_flat(base)}
-    reference = build_with_pipeline(base, rule.factory)
+    reference = build_with_pipeline(base, ivf_rule.factory)
     indexes[reference.name] = reference
     print(f"built {reference.name}: train {reference.train_s:.0f} s, add {reference.add_s:.0f} s", flush=True)
-    started = time.perf_counter()
-    _, assignment = faiss.extract_index_ivf(reference.index).quantizer.search(base, 1)
-    assignment = np.ascontiguousarray(assignment.reshape(-1), dtype=np.int64)
-    assign_s = time.perf_counter() - started
-    codecs = [codec for codec in arguments.codecs.split(",") if codec.strip()]
-    proposed_codec = proposed.factory.split(",", 1)[1] if proposed.factory.startswith("IVF") else None
-    if proposed_codec and proposed_codec not in codecs and f"IVF{reference.nlist}," in proposed.factory + ",":
-        codecs.append(proposed_codec)
+    if old.factory not in indexes:
+        built = build_with_pipeline(base, old.factory)
+        indexes[built.name] = built
+        print(f"built {built.name} (old rule): train {built.train_s:.0f} s, add {built.add_s:.0f} s", flush=True)
+    codecs = [codec for codec in arguments.codecs.split(",") if codec.strip() and f"IVF{reference.nlist},{codec}" not in indexes]
+    if any("fs" not in codec for codec in codecs):  # 8-bit PQ is added with the shared assignment
+        started = time.perf_counter()
+        _, assignment = faiss.extract_index_ivf(reference.index).quantizer.search(base, 1)
+        assignment = np.ascontiguousarray(assignment.reshape(-1), dtype=np.int64)
+        assign_s = time.perf_counter() - started
+    else:
+        assignment, assign_s = None, 0.0
     for codec in codecs:
-        name = f"IVF{reference.nlist},{codec}"
-        if name in indexes:
-            continue
         built = build_sharing_quantizer(base, reference, codec, assignment, assign_s)
         indexes[built.name] = built
         print(f"built {built.name} ({built.note}): codec train {built.train_s - reference.train_s:.0f} s, add {built.add_s:.0f} s", flush=True)
-    others = [f"IVF{nlist},{rule.factory.split(',', 1)[1]}" for nlist in parse_list(arguments.nlists) if nlist]
-    if proposed.factory.startswith("IVF"):
-        others.append(proposed.factory)
-    for name in others:
-        if name not in indexes:
+    for nlist in parse_list(arguments.nlists):
+        name = f"IVF{nlist},{reference.name.split(',', 1)[1]}"
+        if nlist and name not in indexes:
             built = build_with_pipeline(base, name)
             indexes[built.name] = built
             print(f"built {built.name}: train {built.train_s:.0f} s, add {built.add_s:.0f} s", flush=True)
@@ -450,28 +461,31 @@ def main(argv: list[str] | None = None) -> dict:
     def scaled(nprobe: int, nlist: int) -> int:
         return max(1, min(nlist, round(nprobe * nlist / reference.nlist)))
 
-    proposed_name = proposed.factory if proposed.factory in indexes else None
-    cases = [Case("Flat", 0, 0, None, "today", repeats=1), Case("Flat", 0, 0, None, "proposed")]
-    default_case = Case(reference.name, rule.nprobe, 2 * TOP_K, "float32", "today")
-    cases.append(default_case)
-    proposed_case = Case(proposed_name, proposed.nprobe, 5 * TOP_K, "float32", "proposed") if proposed_name else None
-    if proposed_case:
-        cases.append(Case(proposed_name, proposed.nprobe, 5 * TOP_K, "float32", "today"))
-    for name in [reference.name] + ([proposed_name] if proposed_name and proposed_name != reference.name else []):
-        for nprobe in parse_list(arguments.nprobes):
-            for depth in parse_list(arguments.depths):
-                cases.append(Case(name, scaled(nprobe, indexes[name].nlist), depth, "float32" if depth else None, "proposed"))
+    depth = default_rescoring_depth(arguments.threads)
+    flat_old = Case("Flat", 0, 0, None, "old", repeats=1)
+    baseline = Case("Flat", 0, 0, None, "pipeline")
+    ivf_case = Case(reference.name, ivf_rule.nprobe, depth, "float32", "pipeline")
+    default_case = baseline if rule.factory == "Flat" else ivf_case
+    cases = [flat_old, baseline, ivf_case]
+    old_case = None
+    if old.factory != "Flat":
+        old_case = Case(old.factory, old.nprobe, depth, "float32", "old")
+        cases += [old_case, Case(old.factory, old.nprobe, depth, "float32", "pipeline")]
+    for nprobe in parse_list(arguments.nprobes):
+        for grid_depth in parse_list(arguments.depths):
+            cases.append(Case(reference.name, nprobe, grid_depth, "float32" if grid_depth else None, "pipeline"))
     for name, built in indexes.items():
-        if name in ("Flat", reference.name, proposed_name):
+        if name in ("Flat", reference.name):
             continue
-        for nprobe, depth in parse_pairs(arguments.pairs):
-            cases.append(Case(name, scaled(nprobe, built.nlist), depth, "float32", "proposed"))
-    target = proposed_name or reference.name
+        for nprobe, pair_depth in parse_pairs(arguments.pairs):
+            cases.append(Case(name, scaled(nprobe, built.nlist), pair_depth, "float32", "pipeline"))
     for kind in REFINE_BYTES:
-        for nprobe, depth in parse_pairs(arguments.pairs):
-            cases.append(Case(target, scaled(nprobe, indexes[target].nlist), depth, kind, "proposed"))
+        for nprobe, pair_depth in parse_pairs(arguments.pairs):
+            cases.append(Case(reference.name, nprobe, pair_depth, kind, "pipeline"))
     cases = list(dict.fromkeys(cases))
-    baseline = Case("Flat", 0, 0, None, "proposed")
+    markers = {default_case: "<- pipeline default", old_case: "<- old rule and searcher"}
+    if ivf_case != default_case:
+        markers[ivf_case] = f"<- rule's IVF-PQ (from {index_building.FLAT_BELOW:,} vectors)"
 
     rows = {case: {"config": case.label, "index": case.index, "nprobe": case.nprobe, "depth": case.depth, "vectors": case.vectors, "mode": case.mode,
                    "seconds": [], "speedups": []} for case in cases}
@@ -489,9 +503,9 @@ def main(argv: list[str] | None = None) -> dict:
                         refines[key] = refine_index(indexes[case.index].index, base, case.vectors)
                     wrapper = refines[key][0]
                     wrapper.k_factor = case.depth / TOP_K
-                    searcher = make_searcher(wrapper, None, case.nprobe, 0, arguments.threads)
+                    searcher = make_searcher(wrapper, None, case.nprobe, 0, arguments.threads, case.mode)
                 else:
-                    searcher = make_searcher(indexes[case.index].index, vectors[case.vectors], case.nprobe, case.depth, arguments.threads)
+                    searcher = make_searcher(indexes[case.index].index, vectors[case.vectors], case.nprobe, case.depth, arguments.threads, case.mode)
                 found, seconds = run_searcher(searcher, queries)
             row = rows[case]
             row["seconds"].append(seconds)
@@ -501,27 +515,26 @@ def main(argv: list[str] | None = None) -> dict:
             if "recall@100" not in row:
                 row["recall@10"] = recall(found, truth, 10)
                 row["recall@100"] = recall(found, truth, 100)
-        print(f"  repeat {repeat + 1}/{arguments.repeats}: flat (BLAS) {spec.queries / flat_seconds:.0f} q/s", flush=True)
+        print(f"  repeat {repeat + 1}/{arguments.repeats}: Flat [pipeline] {spec.queries / flat_seconds:.0f} q/s", flush=True)
 
     vector_bytes = {None: 0, "float32": 4 * spec.dimension} | {kind: size * spec.dimension for kind, size in REFINE_BYTES.items()}
-    flat_today = rows[Case("Flat", 0, 0, None, "today", repeats=1)]
     table_rows = []
     for case in cases:
         row = rows[case]
         built = indexes[case.index]
         row["queries_per_s"] = spec.queries / median(row["seconds"])
         row["speedup"] = median(row["speedups"])
-        row["speedup_vs_flat_today"] = median(flat_today["seconds"]) / median(row["seconds"])
+        row["speedup_vs_flat_old"] = median(rows[flat_old]["seconds"]) / median(row["seconds"])
         row["index_bytes_per_vector"] = built.index_bytes / spec.count
         row["bytes_per_vector"] = row["index_bytes_per_vector"] + vector_bytes[case.vectors if case.depth else None]
         row["build_s"] = built.train_s + built.add_s
-        row["marker"] = "<- today's rule and searcher" if case == default_case else "<- proposed" if case == proposed_case else ""
+        row["marker"] = markers.get(case, "")
         table_rows.append(row)
     table = format_table(table_rows, [
         ("config", "configuration [searcher]", ""),
         ("queries_per_s", "queries/s", ".0f"),
-        ("speedup", "x Flat (BLAS)", ".1f"),
-        ("speedup_vs_flat_today", "x Flat (today)", ".1f"),
+        ("speedup", "x Flat", ".1f"),
+        ("speedup_vs_flat_old", "x Flat [old]", ".1f"),
         ("recall@10", "recall@10", ".3f"),
         ("recall@100", "recall@100", ".3f"),
         ("index_bytes_per_vector", "index B/vec", ".0f"),
@@ -529,8 +542,9 @@ def main(argv: list[str] | None = None) -> dict:
         ("build_s", "build s", ".0f"),
         ("marker", "", ""),
     ], title=(f"bench.index: {spec.count:,} synthetic {spec.dimension}-d vectors ({spec.clusters} clusters), {spec.queries} queries, top-{TOP_K}, "
-              f"{arguments.threads} faiss threads, median of {arguments.repeats} (Flat [today]: 1)\n"
-              "[today] = faiss 1.15 defaults + pipelines.shard_search as is; [proposed] = BLAS for query batches + faiss re-scoring"))
+              f"{arguments.threads} faiss threads, median of {arguments.repeats} (Flat [old]: 1)\n"
+              "[pipeline] = pipelines.shard_search as it is (BLAS for query batches, faiss re-scoring); "
+              "[old] = its searcher before issue 5 (faiss 1.15's BLAS threshold, numpy re-scoring)"))
     builds = [{"index": b.name, "training_sample": b.training_sample, "train_s": b.train_s, "add_s": b.add_s, "index_bytes": b.index_bytes,
                "rule_nprobe": b.rule_nprobe, "note": b.note} for b in indexes.values()]
     build_table = format_table(builds, [("index", "index", ""), ("training_sample", "training sample", ",d"), ("train_s", "train s", ".0f"),
@@ -550,7 +564,8 @@ def main(argv: list[str] | None = None) -> dict:
         "generate_s": generate_s,
         "ground_truth_s": truth_s,
         "rule": rule.__dict__,
-        "proposed_rule": proposed.__dict__,
+        "ivf_rule": ivf_rule.__dict__,
+        "old_rule": old.__dict__,
         "builds": builds,
         "configs": table_rows,
         "table": table,

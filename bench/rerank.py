@@ -8,11 +8,15 @@ meaningful, so fidelity is measured as agreement with fp32 (per-query Spearman o
 Variants (each in its own process, all with the same number of threads):
 
 - ``plain-fp32``: ``CrossEncoder(path, max_length=256).predict(pairs)``: what a user would write;
-- ``scorer-fp32`` / ``scorer-bf16``: ``pipelines.reranking.CrossEncoderScorer`` called on a batch of
-  queries with their candidates, reading texts through a ``texts.fetch(positions)`` stub;
-- ``onnx-int8`` / ``openvino-int8`` (and ``onnx-fp32`` / ``openvino-fp32``): exported models
-  (:mod:`bench.backends`); ``CrossEncoder(backend="onnx"/"openvino")`` needs Optimum, which does not
-  install next to transformers 5 (see bench/backends.py).
+- ``scorer-fp32`` / ``scorer-bf16`` / ``scorer-int8``: ``pipelines.reranking.CrossEncoderScorer`` called
+  on a batch of queries with their candidates, reading texts through a ``texts.fetch(positions)``
+  stub; ``scorer-int8`` is the CPU default for a model folder that carries ``openvino_int8/`` (as
+  ``jobs.train_reranker`` writes it): the bench quantizes into its cached model folder;
+- ``openvino-int8``: that int8 model called directly: ``pipelines.quantization.quantize_model`` (NNCF,
+  300 train-query pairs) and ``QuantizedPairScorer``;
+- ``onnx-int8`` (and ``onnx-fp32`` / ``openvino-fp32``): baselines (:mod:`bench.backends`);
+  ``CrossEncoder(backend="onnx"/"openvino")`` needs Optimum, which does not install next to
+  transformers 5.
 
 Pairs: SciFact test queries x their top-``--depth`` documents by the bi-encoder (the cached fp32
 SciFact vectors of bench.embed when complete, else seeded random documents), max length 256. The
@@ -26,9 +30,9 @@ rotated order.
 from __future__ import annotations
 
 import argparse
+import functools
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -40,14 +44,15 @@ from bench.common import (
     SciFact,
     VariantProcess,
     VectorCache,
+    add_variant_arguments,
     environment_report,
     exact_top_k,
     file_digest,
     format_table,
     load_scifact,
     median,
-    physical_cores,
     prepare_environment,
+    resolve_variants,
     rotated,
     write_results,
 )
@@ -56,12 +61,13 @@ VARIANTS = {
     "plain-fp32": "CrossEncoder.predict, fp32, one process",
     "scorer-fp32": "pipelines.reranking.CrossEncoderScorer, precision=fp32",
     "scorer-bf16": "pipelines.reranking.CrossEncoderScorer, precision=bf16 (autocast)",
+    "scorer-int8": "pipelines.reranking.CrossEncoderScorer, precision=int8 (the model folder's openvino_int8/; the CPU default)",
+    "openvino-int8": "pipelines.quantization.QuantizedPairScorer: OpenVINO static int8 (NNCF, 300 train-query pairs)",
     "onnx-fp32": "ONNX Runtime, fused graph, fp32",
     "onnx-int8": "ONNX Runtime, fused graph, dynamic int8 (per-channel weights)",
-    "openvino-fp32": "OpenVINO, fp32",
-    "openvino-int8": "OpenVINO, static int8 (NNCF, 300 train-query pairs)",
+    "openvino-fp32": "OpenVINO fp32 (the int8 model's export without NNCF), QuantizedPairScorer",
 }
-DEFAULT_VARIANTS = ("plain-fp32", "scorer-fp32", "scorer-bf16", "onnx-int8", "openvino-int8")
+DEFAULT_VARIANTS = ("plain-fp32", "scorer-fp32", "scorer-bf16", "scorer-int8", "onnx-int8", "openvino-int8")
 BASELINE = "plain-fp32"
 
 
@@ -134,10 +140,10 @@ class PipelineScorer:
 
 
 class ExportedScorer:
-    """An exported model (:mod:`bench.backends`) scoring the same pairs."""
+    """An OpenVINO or ONNX Runtime backend (:func:`bench.backends.load_backend`) scoring the same pairs."""
 
-    def __init__(self, model_path: str, documents: list[str], path: str, backend: str, threads: int, max_length: int, batch_size: int):
-        self.model = backends.ExportedCrossEncoder(model_path, path, backend, threads, max_length, batch_size)
+    def __init__(self, documents: list[str], path: str, backend: str, threads: int, max_length: int, batch_size: int):
+        self.model = backends.load_backend(backend, "cross-encoder", path, threads, batch_size, max_length)
         self.documents = documents
 
     def __call__(self, payload) -> np.ndarray:
@@ -172,27 +178,22 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--pairs", type=int, default=1500, help="pairs to score per variant (rounded to whole queries)")
     parser.add_argument("--depth", type=int, default=30, help="candidates per query")
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help="comma-separated, from: " + ", ".join(VARIANTS) + " (or all)")
-    parser.add_argument("--threads", type=int, default=0, help="threads per variant (0 = all cores)")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--max-length", type=int, default=256)
+    add_variant_arguments(parser, VARIANTS, DEFAULT_VARIANTS)
     parser.add_argument("--output", default=str(RESULTS / "rerank.json"))
     arguments = parser.parse_args(argv)
     if arguments.quick:
         arguments.pairs = min(arguments.pairs, 150)
-    arguments.variants = list(VARIANTS) if arguments.variants == "all" else [name.strip() for name in arguments.variants.split(",") if name.strip()]
-    unknown = [name for name in arguments.variants if name not in VARIANTS]
-    if unknown:
-        parser.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
-    if BASELINE not in arguments.variants:
-        arguments.variants.insert(0, BASELINE)
-    arguments.threads = arguments.threads or physical_cores()
+    resolve_variants(parser, arguments, VARIANTS, BASELINE)
     return arguments
 
 
 def main(argv: list[str] | None = None) -> dict:
     prepare_environment()
     arguments = parse_arguments(argv)
+    from sentence_transformers import CrossEncoder
+
+    from pipelines.reranking import INT8_FOLDER
+
     scifact = load_scifact()
     environment = environment_report(arguments.threads)
     print(f"{environment['cpu']}, {environment['cores']} cores, load {environment['load_average_at_start']}; variants: {', '.join(arguments.variants)}", flush=True)
@@ -201,16 +202,12 @@ def main(argv: list[str] | None = None) -> dict:
     query_count = max(1, min(len(scifact.query_ids), round(arguments.pairs / arguments.depth)))
     print(f"cross-encoder {model_path}; {query_count} queries x {arguments.depth} = {query_count * arguments.depth} pairs from {pair_source}", flush=True)
 
-    exported = [name for name in arguments.variants if name in backends.BACKENDS]
-    exports: dict[str, Path] = {}
-    export_seconds = 0.0
-    if exported:
-        rng = np.random.default_rng(2)
-        calibration = [(query, scifact.doc_texts[int(rng.integers(len(scifact.doc_texts)))]) for query in scifact.train_query_texts[:300]]
-        started = time.perf_counter()
-        exports = backends.prepare(model_path, "cross-encoder", exported, calibration, arguments.max_length)
-        export_seconds = time.perf_counter() - started
-        print(f"exports ready in {export_seconds:.1f} s: {sorted(str(path) for path in exports.values())}", flush=True)
+    # scorer-int8 reads the int8 model from <model folder>/openvino_int8, where openvino-int8 is quantized.
+    exported = sorted({"openvino-int8" if name == "scorer-int8" else name for name in arguments.variants} & set(backends.BACKENDS))
+    rng = np.random.default_rng(2)
+    calibration = [(query, scifact.doc_texts[int(rng.integers(len(scifact.doc_texts)))]) for query in scifact.train_query_texts[:300]]
+    load = functools.partial(CrossEncoder, model_path, device="cpu", max_length=arguments.max_length)
+    exports, export_seconds = backends.prepare(load, model_path, "cross-encoder", exported, calibration, arguments.max_length, Path(model_path) / INT8_FOLDER)
 
     documents = scifact.doc_texts
     threads, length, batch = arguments.threads, arguments.max_length, arguments.batch_size
@@ -221,7 +218,7 @@ def main(argv: list[str] | None = None) -> dict:
         elif name.startswith("scorer-"):
             workers[name] = VariantProcess(name, PipelineScorer, model_path, documents, length, batch, name.split("-", 1)[1], threads, arguments.depth, threads=threads)
         else:
-            workers[name] = VariantProcess(name, ExportedScorer, model_path, documents, str(exports[name]), name, threads, length, batch, threads=threads)
+            workers[name] = VariantProcess(name, ExportedScorer, documents, str(exports[name]), name, threads, length, batch, threads=threads)
         print(f"  started {name} (load {workers[name].load_s:.1f} s, threads {workers[name].thread_report})", flush=True)
 
     names = arguments.variants

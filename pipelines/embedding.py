@@ -170,7 +170,10 @@ class TextEncoder:
         import torch
 
         if self.precision == "int8":
-            return self.quantized.encode(texts)
+            vectors = self.quantized.encode(texts)  # the model's own Normalize module, if it has one, is in the graph
+            if self.config.normalize and len(vectors):
+                vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+            return vectors
         with torch.inference_mode(), inference_context(self.precision, self.device):
             vectors = self.model.encode(
                 texts,

@@ -73,12 +73,13 @@ def read_settings(url: str) -> dict[str, Any]:
     return storage.read_json(settings_url)
 
 
-def _input_names(tokenizer) -> list[str]:
+def model_input_names(tokenizer) -> list[str]:
+    """The inputs the exported graph takes: input ids, attention mask, and token types where the model uses them."""
     names = [name for name in ("input_ids", "attention_mask", "token_type_ids") if name in tokenizer.model_input_names]
     return names if "input_ids" in names and "attention_mask" in names else ["input_ids", "attention_mask"]
 
 
-def _export_onnx(model, kind: str, input_names: list[str], path: str) -> None:
+def export_onnx(model, kind: str, input_names: list[str], path: str) -> None:
     """``model`` (a SentenceTransformer or CrossEncoder on CPU) as an ONNX graph with dynamic batch and length."""
     import warnings
 
@@ -126,16 +127,16 @@ def quantize_model(model, kind: str, calibration: Sequence, max_length: int, des
         raise ValueError("int8 quantization needs calibration items (texts or (query, document) pairs)")
     model = model.to("cpu").eval()
     tokenizer = model.tokenizer
-    input_names = _input_names(tokenizer)
+    input_names = model_input_names(tokenizer)
     with tempfile.TemporaryDirectory(prefix="quantize-") as scratch:
         onnx_path = os.path.join(scratch, "model.onnx")
-        _export_onnx(model, kind, input_names, onnx_path)
-        items = [_tokenize(tokenizer, [item], max_length, input_names) for item in calibration]
+        export_onnx(model, kind, input_names, onnx_path)
+        items = [tokenize(tokenizer, [item], max_length, input_names) for item in calibration]
         quantized = nncf.quantize(ov.Core().read_model(onnx_path), nncf.Dataset(items), model_type=nncf.ModelType.TRANSFORMER, subset_size=len(items))
         out = os.path.join(scratch, "out")
         ov.save_model(quantized, os.path.join(out, MODEL_FILE))
         tokenizer.save_pretrained(out)
-        sample = _tokenize(tokenizer, [calibration[0]], max_length, input_names)
+        sample = tokenize(tokenizer, [calibration[0]], max_length, input_names)
         dimension = int(ov.Core().compile_model(quantized, "CPU")({name: sample[name] for name in input_names})[0].shape[-1])
         files = sorted(name for name in os.listdir(out) if os.path.isfile(os.path.join(out, name)))
         for name in files:
@@ -157,7 +158,7 @@ def quantize_model(model, kind: str, calibration: Sequence, max_length: int, des
     return settings
 
 
-def _tokenize(tokenizer, items: Sequence, max_length: int, input_names: list[str]) -> dict[str, np.ndarray]:
+def tokenize(tokenizer, items: Sequence, max_length: int, input_names: list[str]) -> dict[str, np.ndarray]:
     """Texts, or (query, document) pairs truncated longest-first, as int64 model inputs padded to the longest."""
     if items and isinstance(items[0], (tuple, list)):
         encoded = tokenizer([item[0] for item in items], [item[1] for item in items], padding=True, truncation="longest_first", max_length=max_length, return_tensors="np")
@@ -215,7 +216,7 @@ class QuantizedModel:
         outputs: np.ndarray | None = None
         for start in range(0, len(items), self.batch_size):
             rows = order[start : start + self.batch_size]
-            features = _tokenize(self.tokenizer, [items[row] for row in rows], self.max_length, self.input_names)
+            features = tokenize(self.tokenizer, [items[row] for row in rows], self.max_length, self.input_names)
             result = np.asarray(self.compiled(features)[0], dtype=np.float32).reshape(len(rows), -1)
             if outputs is None:
                 outputs = np.zeros((len(items), result.shape[1]), dtype=np.float32)

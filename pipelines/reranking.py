@@ -19,8 +19,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
+from pipelines.models import (
+    choose_device,
+    inference_context,
+    resolve_model_reference,
+    resolve_precision,
+)
 from pipelines.runtime import resolve_broadcast
-from pipelines.models import choose_device, inference_context, resolve_model_reference, resolve_precision
 
 FUSION_FILE = "fusion.json"
 INT8_FOLDER = "openvino_int8"
@@ -94,7 +99,6 @@ class CrossEncoderScorer:
 
     def __init__(self, config: RerankConfig, texts, device: str = "auto", threads: int = 0):
         import torch
-        from sentence_transformers import CrossEncoder
 
         if threads:
             torch.set_num_threads(threads)
@@ -110,6 +114,10 @@ class CrossEncoderScorer:
                 raise ValueError(f"{config.model}: precision int8 needs the int8 export ({INT8_FOLDER}/) that jobs.train_reranker writes")
             self.quantized = QuantizedPairScorer(quantized, threads, config.batch_size, config.max_length)
             return
+        from sentence_transformers import (
+            CrossEncoder,  # not on the int8 path: 5 s and 0.5 GB per actor
+        )
+
         self.model = CrossEncoder(resolve_model_reference(config.model), device=self.device, max_length=config.max_length or None)
         if self.precision == "fp16":
             self.model.model.half()
