@@ -374,7 +374,7 @@ def build_shards(
     else:
         positions = sample_positions(count, plan.training_sample, plan.seed) if plan.training_sample else np.arange(0)
         vectors = read_training_vectors(located, positions) if len(positions) else np.zeros((1, dimension), dtype=np.float32)
-        print(f"training {plan.factory} on {len(positions)} vectors")
+        print(f"training {plan.factory} on {len(positions)} vectors" if len(positions) else f"{plan.factory}: nothing to train")
         trained = ray.get(ray.remote(num_cpus=1)(train_index).remote(plan.factory, vectors, plan.seed))
         storage.write_bytes_atomically(trained_url, trained)
     trained_reference = ray.put(trained)
