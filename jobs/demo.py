@@ -1,6 +1,9 @@
-"""The SciFact demo: index, train a domain reranker, retrieve-then-rerank the test queries, evaluate.
+"""The demo: index a BEIR dataset (SciFact by default), train a domain reranker, retrieve-then-rerank, evaluate.
 
-    python -m jobs.demo [--workdir DIR] [--reranker train|none|MODEL] [--dataset DIR]
+    python -m jobs.demo [--workdir DIR] [--reranker train|none|MODEL] [--dataset DIR] [--eval-split test|dev]
+
+The reranker learns from qrels/train.tsv and is evaluated on qrels/<eval-split>.tsv; tables, run
+names and the report are labelled with the dataset folder's name.
 
 Everything it builds lives under --workdir (default ~/.cache/retrieval-pipelines/demo) and is reused
 by the next run: the index (its embeddings and finished version), the trained reranker (cached by
@@ -34,7 +37,8 @@ class DemoConfig:
     """Settings of jobs.demo."""
 
     workdir: str = field(default="~/.cache/retrieval-pipelines/demo", metadata={"help": "where the index, reranker, runs and report live"})
-    dataset: str = field(default=DEFAULT_DATASET, metadata={"help": "a BEIR folder: corpus.jsonl, queries.jsonl, qrels/{train,test}.tsv"})
+    dataset: str = field(default=DEFAULT_DATASET, metadata={"help": "a BEIR folder: corpus.jsonl, queries.jsonl, qrels/train.tsv and qrels/<eval-split>.tsv"})
+    eval_split: str = field(default="test", metadata={"help": "the qrels split the demo evaluates on (qrels/<split>.tsv); the reranker trains on train"})
     reranker: str = field(default="train", metadata={"help": "train (fine-tune on the train split, cached), none, or a CrossEncoder id/path"})
     rerank_depth: int = field(default=50, metadata={"help": "candidates reranked per test query (the fusion weight is fitted at this depth)"})
     top_k: int = 100
@@ -42,9 +46,17 @@ class DemoConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
 
     def validate(self) -> None:
-        missing = [name for name in ("corpus.jsonl", "queries.jsonl", "qrels/test.tsv") if not os.path.exists(os.path.join(self.dataset, name))]
+        if self.eval_split == "train":
+            raise ValueError("--eval-split train: the reranker trains on qrels/train.tsv; evaluate on a held-out split")
+        required = ["corpus.jsonl", "queries.jsonl", f"qrels/{self.eval_split}.tsv"] + (["qrels/train.tsv"] if self.reranker == "train" else [])
+        missing = [name for name in required if not os.path.exists(os.path.join(self.dataset, name))]
         if missing:
             raise FileNotFoundError(f"{self.dataset}: not a BEIR dataset folder (missing {', '.join(missing)})")
+
+
+def dataset_name(config: DemoConfig) -> str:
+    """The dataset's own name: its folder's."""
+    return os.path.basename(os.path.normpath(config.dataset))
 
 
 def _lift(after: float, before: float) -> str:
@@ -70,7 +82,7 @@ def prepare_reranker(config: DemoConfig, workdir: str, index_url: str) -> str:
     if os.path.exists(os.path.join(folder, "training_report.json")):
         print(f"reusing the reranker trained earlier: {folder}/model")
         return os.path.join(folder, "model")
-    print(f"training the SciFact reranker on the train split into {folder} (about 13 minutes on 2 CPU cores)")
+    print(f"training the {dataset_name(config)} reranker on the train split into {folder} (budget {config.training.budget})")
     training = TrainRerankerConfig(
         index=index_url,
         queries=os.path.join(config.dataset, "queries.jsonl"),
@@ -92,7 +104,9 @@ def run_demo(config: DemoConfig) -> dict:
     index_summary = build_index(BuildIndexConfig(corpus=os.path.join(config.dataset, "corpus.jsonl"), index=index_url))
     print(summary_table(index_summary))
     reranker = prepare_reranker(config, workdir, index_url)
-    test_qrels = os.path.join(config.dataset, "qrels", "test.tsv")
+    name = dataset_name(config)
+    run_name = f"{name}-{config.eval_split}"
+    test_qrels = os.path.join(config.dataset, "qrels", f"{config.eval_split}.tsv")
     query_config = RetrieveRerankConfig(index=index_url, queries=os.path.join(config.dataset, "queries.jsonl"), qrels=test_qrels)
     query_config.search.top_k = config.top_k
     query_config.rerank.model = reranker
@@ -100,19 +114,19 @@ def run_demo(config: DemoConfig) -> dict:
     version = index_store.current_version_id(index_url)
     reranker_int8 = bool(query_config.rerank.enabled and quantized_reranker_url(reranker))
     run_key = cache_key({"index": version, "reranker": reranker, "int8": reranker_int8, "depth": config.rerank_depth, "top_k": config.top_k})
-    query_config.output = os.path.join(workdir, "runs", f"test-{run_key}")
+    query_config.output = os.path.join(workdir, "runs", f"{run_name}-{run_key}")
     query_summary = retrieve_and_rerank(query_config)
     print(query_summary_table(query_summary))
 
     evaluator = RunEvaluator(read_qrels(test_qrels), depths=config.depths if query_config.rerank.enabled else ())
     results = evaluator(read_run(query_config.output))
-    print(format_metrics_table({"scifact-test": results}))
+    print(format_metrics_table({run_name: results}))
     first = results["first_stage"]
-    rows = [("first stage nDCG@10 / P@3", f"{first['ndcg@10']:.4f} / {first['p@3']:.4f}")]
+    rows = [("first stage nDCG@10 / P@3 / R@100", f"{first['ndcg@10']:.4f} / {first['p@3']:.4f} / {first['recall@100']:.4f}")]
     for stage in ("reranked", "fused"):
         if stage in results:
             metrics = results[stage]
-            rows.append((f"{stage} nDCG@10 / P@3", f"{metrics['ndcg@10']:.4f} / {metrics['p@3']:.4f}"))
+            rows.append((f"{stage} nDCG@10 / P@3 / R@100", f"{metrics['ndcg@10']:.4f} / {metrics['p@3']:.4f} / {metrics['recall@100']:.4f}"))
             rows.append((f"{stage} lift nDCG@10 / P@3", f"{_lift(metrics['ndcg@10'], first['ndcg@10'])} / {_lift(metrics['p@3'], first['p@3'])}"))
     if not query_config.rerank.enabled:
         rows.append(("reranker", "none: first stage only (--reranker train or a CrossEncoder path enables it)"))
@@ -120,13 +134,18 @@ def run_demo(config: DemoConfig) -> dict:
         rows.append(("reranker scoring", "int8 (OpenVINO)" if reranker_int8 else "torch"))
     report_url = os.path.join(os.path.dirname(reranker), "training_report.json")
     training_report = storage.read_json(report_url) if config.reranker == "train" and os.path.exists(report_url) else None
+    for note in query_summary.get("reranker_notes", []):
+        rows.append(("reranker note", note))
     if training_report:
-        rows.append(("reranker training (s, pairs/s)", f"{training_report['train_seconds']:.0f} / {training_report['pairs_per_second']:.1f}"))
+        rows.append(("reranker on dev", training_report["serving"]["message"]))
+        rows.append(("reranker training (s, steps, pairs/s)", f"{training_report['train_seconds']:.0f} / {training_report['steps']} / {training_report['pairs_per_second']:.1f}"))
         rows.append(("reranker job, mining to int8 (s)", round(float(training_report["wall_seconds"]), 1)))
     rows.append(("demo wall time (s)", round(time.perf_counter() - started, 1)))
-    print(format_table(rows, title="SciFact test (300 queries)"))
+    print(format_table(rows, title=f"{run_name} ({results['queries']['judged']} queries)"))
     report = {
         "config": config_to_dict(config),
+        "dataset": name,
+        "eval_split": config.eval_split,
         "index": index_summary,
         "reranker": reranker,
         "query_job": {key: value for key, value in query_summary.items() if key != "config"},

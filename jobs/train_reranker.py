@@ -22,12 +22,16 @@ def main(argv: list[str] | None = None) -> dict:
     config = parse_config(TrainRerankerConfig, argv, description=__doc__)
     print("effective config:\n" + format_config(config), flush=True)
     report = train_reranker(config)
-    rows = [("training tuples", report["training_tuples"]), ("steps", report["steps"]), ("pairs/s", float(report["pairs_per_second"])),
-            ("train time (s)", float(report["train_seconds"])), ("fusion weight", report["fusion_weight"])]
+    plan = report["plan"]
+    rows = [("training queries (with a judged candidate)", f"{report['train_queries']} ({report['trainable_queries']})"), ("training lists", report["training_lists"]),
+            ("steps (distilling the first stage)", f"{report['steps']} ({plan['distillation_steps']})"), ("pairs/s", float(report["pairs_per_second"])),
+            ("train time (s) / budget", f"{report['train_seconds']:.0f} / {plan['budget_seconds']:.0f}"), ("best step", report["best_step"]),
+            ("fusion weight", str(report["fusion_weight"]))]
     for stage, metrics in report["dev"].items():
         rows.append((f"dev {stage} nDCG@10 / P@3", f"{metrics['ndcg@10']:.4f} / {metrics['p@3']:.4f}"))
+    rows.append(("serving", report["serving"]["message"]))
     print(format_table(rows, title=f"reranker -> {report['model']}"), flush=True)
-    print(json.dumps({"loss_curve_tail": report["loss_curve"][-3:]}), flush=True)
+    print(json.dumps({"loss_curve_tail": report["loss_curve"][-3:], "dev_curve": report["dev_curve"]}), flush=True)
     return report
 
 

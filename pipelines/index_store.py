@@ -193,3 +193,11 @@ def load_index(root: str, version_id: str | None = None, with_vectors: bool = Fa
     manifest = read_manifest(root, version_id)
     shards = [load_shard(root, manifest, number, with_vectors) for number in range(len(manifest["shards"]))]
     return LoadedIndex(root=root, manifest=manifest, shards=shards, doc_ids=load_doc_ids(root, manifest))
+
+
+def corpus_fingerprint(doc_ids: pa.Table) -> str:
+    """A short hash of an index version's document ids (``load_doc_ids``): tells whether a reranker
+    is served on the corpus it was trained on, wherever that corpus was copied."""
+    import hashlib
+
+    return hashlib.sha256("\n".join(sorted(doc_ids["id"].to_pylist())).encode()).hexdigest()[:16]

@@ -53,6 +53,7 @@ class RerankConfig:
     batch_size: int = 32
     max_length: int = field(default=0, metadata={"help": "tokens per (query, document) pair (0 = the model's own)"})
     fusion: str = field(default="auto", metadata={"help": "auto (use the model's fusion weight if it has one) or off"})
+    foreign_corpus: str = field(default="first_stage", metadata={"help": "when the index's corpus is not the one the reranker was trained on: first_stage (serve the first stage alone) or fuse (use the weight fitted on the other corpus)"})
     device: str = "auto"
     precision: str = field(default="auto", metadata={"help": "auto (fp16 on GPU; int8 on CPU where the model carries a calibrated int8 export, else bf16 where native, else fp32), fp32, bf16, fp16 or int8"})
     pool_size: int = field(default=0, metadata={"help": "actors (0 = from cluster resources)"})
@@ -63,15 +64,23 @@ class RerankConfig:
         return self.model.lower() not in ("", "none", "off")
 
 
-def read_fusion_weight(model: str) -> float | None:
-    """The fusion weight stored with a trained reranker (``fusion.json``), or None."""
+def read_serving_card(model: str) -> dict | None:
+    """What jobs.train_reranker stored with the model (``fusion.json``): fusion weight, serving mode
+    (``fused`` or ``first_stage``), what the weight was fitted on and which corpus the model was trained on; or None."""
     path = os.path.join(resolve_model_reference(model), FUSION_FILE)
     if not os.path.exists(path):
         return None
-    weight = float(json.loads(open(path).read())["weight"])
+    card = json.loads(open(path).read())
+    weight = float(card["weight"])
     if not 0.0 <= weight <= 1.0:
         raise ValueError(f"{path}: fusion weight {weight} is outside [0, 1]")
-    return weight
+    return {**card, "weight": weight, "mode": card.get("mode", "fused")}
+
+
+def read_fusion_weight(model: str) -> float | None:
+    """The fusion weight stored with a trained reranker (``fusion.json``), or None."""
+    card = read_serving_card(model)
+    return None if card is None else card["weight"]
 
 
 def quantized_reranker_url(model: str) -> str:

@@ -1,17 +1,21 @@
-"""Domain reranker training: hard negatives mined from the index, a listwise cross-encoder loss, fusion.
+"""Domain reranker training: judged positives against mined negatives, within a time budget, never shipping harm.
 
-Stages:
-1. mining: the query job's first stage runs the training queries against the index; for each
-   (query, judged positive) the negatives are first-stage candidates that are not judged positive
-   (:func:`mine_examples`; a judged positive is never a negative);
-2. training: a sentence-transformers CrossEncoder (from the bundled bi-encoder weights by default:
-   sentence-transformers turns it into a cross-encoder with a fresh head) with its trainer and
-   :class:`MultipleNegativesRankingLoss` on raw logits: per query a softmax over the positive, the
-   hard negatives and in-batch (random) negatives. The new head learns faster than the pretrained
-   encoder (two learning rates). Checkpoints every half epoch; a killed run resumes from the last;
-   the best checkpoint on dev nDCG@10 is kept;
-3. fusion: :func:`fit_fusion_weight` picks ``a`` in final = a·z(rerank) + (1−a)·z(first stage) on
-   the dev split and stores it with the model (``fusion.json``), where the query job finds it.
+Stages (:func:`train_reranker`):
+1. mining: the query job's first stage runs the training queries against the index; each query keeps
+   its top candidates with their scores (:mod:`pipelines.mining` turns them into training lists);
+2. planning: one probe measures a training step and a dev evaluation on this machine, and
+   :mod:`pipelines.training_plan` turns ``--training.budget`` into steps, schedule, evaluations and
+   checkpoints. Queries are sampled uniformly, so the cost does not grow with the judgments;
+3. training: a sentence-transformers CrossEncoder (from the bundled bi-encoder by default: a fresh
+   head on its encoder) with its trainer and ``ListNetLoss``. The first ``distillation_fraction`` of
+   the steps distil the first stage's scores into the new head, so label learning starts from a
+   model that ranks like the bi-encoder instead of a random one; the rest is a softmax over each
+   positive and its negatives. The fresh head learns faster than the pretrained encoder;
+4. selection and the ship gate: every planned dev evaluation (the first one right after the
+   distillation phase) scores the dev queries' candidates, ranks them reranked and fused, and
+   measures nDCG@10 with ir_measures (graded gains, as ``jobs.evaluate``); the best checkpoint on
+   fused dev nDCG@10 is kept. The fusion weight ``a`` in a·z(rerank) + (1−a)·z(first stage) is fitted
+   on dev over a grid that includes 0 (the first stage alone), so serving never lowers dev nDCG@10.
 """
 
 from __future__ import annotations
@@ -26,30 +30,34 @@ from typing import Any
 
 import numpy as np
 
+from pipelines.mining import MiningConfig, QueryCandidates, distillation_lists, labelled_lists, sample_query_steps, trainable_queries
 from pipelines.reranking import FUSION_FILE, fuse_scores
+from pipelines.training_plan import TrainingPlan, parse_duration, plan_training
+
+PRIMARY_DEV_METRIC = "eval_dev_fused_ndcg@10"
 
 
 @dataclass
 class TrainingConfig:
-    """Reranker training settings (defaults: what worked on SciFact on 2 CPU cores)."""
+    """Reranker training settings: one set of defaults for every domain (SciFact and NFCorpus measured)."""
 
     base_model: str = field(default="bundled", metadata={"help": "bundled, a Hugging Face id or a local path"})
+    budget: str = field(default="20m", metadata={"help": "training time (steps and dev evaluations) on this machine: 20m, 90s, 1h"})
+    max_steps: int = field(default=0, metadata={"help": "a fixed step count instead of the budget's (0 = from the budget); for smoke tests"})
     dev_queries: int = field(default=100, metadata={"help": "training queries held out for model selection and fusion"})
-    mining_depth: int = field(default=30, metadata={"help": "first-stage candidates to draw hard negatives from"})
-    hard_negatives: int = 5
-    random_negatives: int = field(default=2, metadata={"help": "in-batch negatives per query"})
-    epochs: float = 2.0
+    dev_depth: int = field(default=20, metadata={"help": "candidates reranked per dev query at each evaluation during training"})
+    evaluations: int = field(default=4, metadata={"help": "dev evaluations: after the distillation phase, then evenly to the end"})
+    checkpoints: int = field(default=8, metadata={"help": "checkpoints over the run (units of resume)"})
+    distillation_fraction: float = field(default=0.25, metadata={"help": "share of the steps spent distilling first-stage scores before learning from judgments"})
+    teacher_scale: float = field(default=20.0, metadata={"help": "first-stage score multiplier for distillation targets (the bi-encoder's softmax scale)"})
     queries_per_step: int = 4
     encoder_learning_rate: float = 1e-4
     head_learning_rate: float = 1e-3
     warmup_ratio: float = 0.1
     max_length: int = 160
-    evaluations_per_epoch: int = field(default=1, metadata={"help": "dev evaluations (model selection) per epoch"})
-    checkpoints_per_epoch: int = field(default=4, metadata={"help": "checkpoints per epoch (units of resume)"})
-    dev_depth: int = field(default=20, metadata={"help": "candidates reranked per dev query during training"})
     precision: str = field(default="auto", metadata={"help": "auto (bf16 where the CPU/GPU supports it), bf16 or fp32"})
     seed: int = 12
-    max_steps: int = field(default=0, metadata={"help": "stop after this many steps (0 = epochs decide); for smoke tests"})
+    mining: MiningConfig = field(default_factory=MiningConfig)
 
 
 def training_precision(requested: str) -> str:
@@ -73,71 +81,37 @@ def split_dev_queries(query_ids: list[str], dev_count: int, seed: int) -> tuple[
     return train, dev
 
 
-def mine_examples(
-    candidates: dict[str, list[str]],
-    qrels: dict[str, dict[str, int]],
-    query_ids: list[str],
-    hard_negatives: int,
-    rounds: int,
-    seed: int,
-) -> list[dict[str, Any]]:
-    """Training tuples (query id, positive id, hard negative ids) from first-stage candidates.
-
-    Negatives are candidates that are not judged relevant (score > 0) for the query; each round
-    (epoch) draws a fresh sample of them. Queries with fewer candidates than ``hard_negatives``
-    reuse some; queries with no judged positive are skipped.
-    """
-    rng = random.Random(seed)
-    examples = []
-    for round_number in range(rounds):
-        for query_id in query_ids:
-            positives = sorted(doc for doc, grade in qrels.get(query_id, {}).items() if grade > 0)
-            pool = [doc for doc in candidates.get(query_id, []) if doc not in qrels.get(query_id, {}) or qrels[query_id][doc] <= 0]
-            if not positives or not pool:
-                continue
-            for positive in positives:
-                chosen = rng.sample(pool, hard_negatives) if len(pool) >= hard_negatives else [rng.choice(pool) for _ in range(hard_negatives)]
-                examples.append({"round": round_number, "query_id": query_id, "positive": positive, "negatives": chosen})
-    return examples
+def rank_by(candidates: dict[str, list[str]], scores: dict[str, np.ndarray], depth: int) -> dict[str, list[str]]:
+    """Top-``depth`` reordered by ``scores`` (ties: first-stage order), the rest in first-stage order."""
+    ranking = {}
+    for query_id, docs in candidates.items():
+        head = docs[:depth]
+        order = np.lexsort((np.arange(len(head)), -scores[query_id][: len(head)]))
+        ranking[query_id] = [head[i] for i in order] + docs[depth:]
+    return ranking
 
 
 def fit_fusion_weight(
-    rerank_scores: list[np.ndarray],
-    first_stage_scores: list[np.ndarray],
-    relevance: list[np.ndarray],
+    candidates: dict[str, list[str]],
+    first_stage_scores: dict[str, np.ndarray],
+    rerank_scores: dict[str, np.ndarray],
+    evaluator,
+    depth: int,
     grid: int = 21,
 ) -> tuple[float, float]:
-    """The weight a in [0, 1] maximizing mean nDCG@10 of the fused ranking; returns (a, nDCG@10).
+    """The weight a in [0, 1] whose fused ranking has the best dev nDCG@10; returns (a, nDCG@10).
 
-    Each list holds one array per query (candidates in any order). Ties are resolved toward the
-    smaller weight so the choice is deterministic.
+    ``evaluator`` is a :class:`pipelines.evaluation.RunEvaluator` (ir_measures, graded gains: the
+    nDCG that ``jobs.evaluate`` reports). a = 0 is the first stage alone, so the fitted fusion is
+    never worse on dev than the first stage. Ties go to the smaller weight (deterministic, cautious).
     """
     best = (0.0, -1.0)
     for weight in np.linspace(0.0, 1.0, grid):
-        scores = [ndcg_at_10(fuse_scores(r, f, weight), rel) for r, f, rel in zip(rerank_scores, first_stage_scores, relevance)]
-        value = float(np.mean(scores)) if scores else 0.0
+        fused = {q: fuse_scores(rerank_scores[q][:depth], first_stage_scores[q][:depth], weight) for q in candidates}
+        value = evaluator.evaluate_ranking(rank_by(candidates, fused, depth))["ndcg@10"]
         if value > best[1] + 1e-12:
-            best = (float(round(weight, 4)), value)
+            best = (float(round(weight, 4)), float(value))
     return best
-
-
-def ndcg_at_10(scores: np.ndarray, relevance: np.ndarray) -> float:
-    """nDCG@10 of one query's candidates ranked by ``scores`` (used inside the fusion grid search).
-
-    Uses the candidates' own relevance for the ideal ranking (relevant documents outside the
-    candidate list cannot be recovered by reranking, so they do not change which weight is best).
-    """
-    order = np.lexsort((np.arange(len(scores)), -scores))[:10]
-    gains = relevance[order]
-    discounts = 1.0 / np.log2(np.arange(2, len(order) + 2))
-    ideal = np.sort(relevance)[::-1][:10]
-    ideal_dcg = float(((2.0**ideal - 1) * discounts[: len(ideal)]).sum())
-    return float(((2.0**gains - 1) * discounts).sum()) / ideal_dcg if ideal_dcg > 0 else 0.0
-
-
-def write_fusion_weight(model_folder: str, weight: float, dev_ndcg: float) -> None:
-    with open(os.path.join(model_folder, FUSION_FILE), "w") as handle:
-        json.dump({"weight": weight, "dev_ndcg@10": dev_ndcg, "formula": "a*z(rerank_logit) + (1-a)*z(first_stage_score), z within each query"}, handle, indent=2)
 
 
 def cache_key(values: dict[str, Any]) -> str:
@@ -170,7 +144,7 @@ def candidate_pairs(queries: dict[str, str], candidates: dict[str, list[str]], t
     return pairs, owners
 
 
-def score_candidates(model, queries: dict[str, str], candidates: dict[str, list[str]], texts: dict[str, str], depth: int, precision: str, batch_size: int = 32) -> dict[str, np.ndarray]:
+def score_candidates(model, queries: dict[str, str], candidates: dict[str, list[str]], texts: dict[str, str], depth: int, precision: str, batch_size: int = 32, progress: bool = True) -> dict[str, np.ndarray]:
     """Raw cross-encoder logits for each query's top-``depth`` candidates (``model``: a CrossEncoder, or an
     object with ``score(pairs)`` such as :class:`pipelines.quantization.QuantizedPairScorer`)."""
     import torch
@@ -182,124 +156,249 @@ def score_candidates(model, queries: dict[str, str], candidates: dict[str, list[
         logits = model.score(pairs)
     else:
         with torch.inference_mode(), inference_context(precision, str(model.device)):
-            logits = np.asarray(model.predict(pairs, batch_size=batch_size, activation_fn=torch.nn.Identity(), show_progress_bar=True, convert_to_numpy=True), dtype=np.float32).reshape(-1)
+            logits = np.asarray(model.predict(pairs, batch_size=batch_size, activation_fn=torch.nn.Identity(), show_progress_bar=progress, convert_to_numpy=True), dtype=np.float32).reshape(-1)
     scores: dict[str, list[float]] = {}
     for owner, logit in zip(owners, logits):
         scores.setdefault(owner, []).append(float(logit))
     return {query_id: np.asarray(values, dtype=np.float32) for query_id, values in scores.items()}
 
 
-def autocast_reranking_evaluator(samples: list[dict[str, Any]], precision: str):
-    """sentence-transformers' CrossEncoderRerankingEvaluator (dev nDCG@10), scoring in the training precision."""
-    from sentence_transformers.cross_encoder.evaluation import CrossEncoderRerankingEvaluator
+@dataclass
+class DevSet:
+    """Held-out training queries with their first-stage candidates: what model selection and fusion see."""
+
+    queries: dict[str, str]
+    texts: dict[str, str]
+    candidates: dict[str, list[str]]
+    first_stage_scores: dict[str, np.ndarray]
+    qrels: dict[str, dict[str, int]]
+
+    def __post_init__(self):
+        from pipelines.evaluation import RunEvaluator
+
+        self.evaluator = RunEvaluator(self.qrels)
+
+    def metrics(self, ranking: dict[str, list[str]]) -> dict[str, float]:
+        values = self.evaluator.evaluate_ranking(ranking)
+        return {name: round(float(values[name]), 4) for name in ("ndcg@10", "p@3", "mrr@10", "recall@100")}
+
+    def stages(self, rerank_scores: dict[str, np.ndarray], depth: int) -> tuple[float, dict[str, dict[str, float]]]:
+        """(fitted fusion weight, {first_stage, reranked, fused: metrics}) for rerank scores of the top ``depth``."""
+        weight, _ = fit_fusion_weight(self.candidates, self.first_stage_scores, rerank_scores, self.evaluator, depth)
+        fused = {q: fuse_scores(rerank_scores[q][:depth], self.first_stage_scores[q][:depth], weight) for q in self.candidates}
+        return weight, {
+            "first_stage": self.metrics(self.candidates),
+            "reranked": self.metrics(rank_by(self.candidates, rerank_scores, depth)),
+            "fused": self.metrics(rank_by(self.candidates, fused, depth)),
+        }
+
+
+def dev_evaluator(dev: DevSet, depth: int, precision: str):
+    """A sentence-transformers evaluator: dev nDCG@10 (ir_measures) of the reranked and the fused ranking."""
+    from sentence_transformers.base.evaluation.evaluator import BaseEvaluator
+
+    class DevRerankingEvaluator(BaseEvaluator):
+        def __init__(self):
+            super().__init__()
+            self.primary_metric = "fused_ndcg@10"
+
+        def __call__(self, model, output_path=None, epoch=-1, steps=-1) -> dict[str, float]:
+            scores = score_candidates(model, dev.queries, dev.candidates, dev.texts, depth, precision, progress=False)
+            weight, stages = dev.stages(scores, depth)
+            metrics = {
+                "first_stage_ndcg@10": stages["first_stage"]["ndcg@10"],
+                "reranked_ndcg@10": stages["reranked"]["ndcg@10"],
+                "fused_ndcg@10": stages["fused"]["ndcg@10"],
+                "fusion_weight": weight,
+            }
+            print(f"dev at step {steps}: first stage {metrics['first_stage_ndcg@10']:.4f}, reranked {metrics['reranked_ndcg@10']:.4f}, "
+                  f"fused {metrics['fused_ndcg@10']:.4f} (a={weight})", flush=True)
+            return self.prefix_name_to_metrics(metrics, "dev")
+
+    return DevRerankingEvaluator()
+
+
+def lists_dataset(lists: list[dict[str, Any]], queries: dict[str, str], texts: dict[str, str]):
+    """A ``datasets.Dataset`` for ListNetLoss: query, docs, labels (target log-weights), in the given order."""
+    from datasets import Dataset
+
+    return Dataset.from_dict(
+        {
+            "query": [queries[item["query_id"]] for item in lists],
+            "docs": [[texts[doc] for doc in item["doc_ids"]] for item in lists],
+            "labels": [[float(t) for t in item["targets"]] for item in lists],
+        }
+    )
+
+
+def measure_speed(model, dataset, config: TrainingConfig, precision: str, dev_pairs: int, scratch_folder: str) -> tuple[float, float]:
+    """(seconds per training step, seconds per dev evaluation) on this machine, from a short probe.
+
+    The probe runs the real trainer (optimizer, autocast, data collation) on a copy of ``model`` over
+    ``dataset`` (a few steps of training lists); the first step warms up and is not counted. A dev
+    evaluation is timed as ``dev_pairs`` pairs at the rate of 64 scored pairs.
+    """
+    import copy
+    import shutil
+
+    import torch
+    from transformers import TrainerCallback
 
     from pipelines.models import inference_context
 
-    class AutocastRerankingEvaluator(CrossEncoderRerankingEvaluator):
-        def __call__(self, model, *args, **kwargs):
-            import torch
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.ends: list[float] = []
 
-            with torch.inference_mode(), inference_context(precision, str(model.device)):
-                return super().__call__(model, *args, **kwargs)
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.began = time.perf_counter()
 
-    return AutocastRerankingEvaluator(samples, at_k=10, always_rerank_positives=False, name="dev", batch_size=32, write_csv=False)
+        def on_step_end(self, args, state, control, **kwargs):
+            self.ends.append(time.perf_counter() - self.began)
+
+    probe_model = copy.deepcopy(model)
+    timer = StepTimer()
+    steps = len(dataset) // config.queries_per_step
+    trainer = _make_trainer(probe_model, dataset, None, config, scratch_folder, steps, 0, 0, [timer], precision, disable_tqdm=True)
+    trainer.train()
+    shutil.rmtree(scratch_folder, ignore_errors=True)
+    pairs = [(query, doc) for query, docs in zip(dataset["query"], dataset["docs"]) for doc in docs]
+    pairs = (pairs * (1 + 64 // max(1, len(pairs))))[:64]
+    started = time.perf_counter()
+    with torch.inference_mode(), inference_context(precision, str(probe_model.device)):
+        probe_model.predict(pairs, batch_size=32, activation_fn=torch.nn.Identity(), show_progress_bar=False)
+    per_pair = (time.perf_counter() - started) / len(pairs)
+    del probe_model, trainer
+    return float(np.median(timer.ends[1:] or timer.ends)), per_pair * dev_pairs
 
 
-def train_cross_encoder(
-    examples: list[dict[str, Any]],
-    queries: dict[str, str],
-    texts: dict[str, str],
-    dev_samples: list[dict[str, Any]],
-    config: TrainingConfig,
-    output_folder: str,
-) -> dict[str, Any]:
-    """Train with the sentence-transformers CrossEncoderTrainer; resumes from checkpoints in ``output_folder``.
+def load_or_plan(output_folder: str, make_plan) -> tuple[TrainingPlan, bool]:
+    """The saved plan of an earlier (killed) run in ``output_folder``, or a new one saved there; (plan, reused)."""
+    from pipelines import storage
 
-    Returns the loss curve and dev metrics from the trainer's log; the best model is saved to
-    ``output_folder/model``.
+    path = os.path.join(output_folder, "plan.json")
+    if os.path.exists(path):
+        return TrainingPlan.from_dict(storage.read_json(path)), True
+    plan = make_plan()
+    storage.write_json_atomically(path, plan.to_dict())
+    return plan, False
+
+
+def sequential_batch_sampler(dataset, batch_size: int, drop_last: bool, **kwargs):
+    """Batches in dataset order: the lists are already sampled per step (distinct queries in each)."""
+    from sentence_transformers.base.sampler import DefaultBatchSampler
+    from torch.utils.data import SequentialSampler
+
+    return DefaultBatchSampler(SequentialSampler(dataset), batch_size=batch_size, drop_last=drop_last)
+
+
+def train_cross_encoder(model, dataset, evaluator, plan: TrainingPlan, config: TrainingConfig, output_folder: str) -> dict[str, Any]:
+    """Train ``model`` on ``dataset`` (rows in step order) as ``plan`` says; resumes from checkpoints in ``output_folder``.
+
+    Returns the loss curve and dev metrics from the trainer's log; the best model on dev (the
+    evaluation after the distillation phase included) is saved to ``output_folder/model``.
     """
     import torch
-    from datasets import Dataset
-    from sentence_transformers.cross_encoder import CrossEncoderTrainingArguments
-    from sentence_transformers.cross_encoder.losses import MultipleNegativesRankingLoss
+    from sentence_transformers import CrossEncoder
 
     torch.manual_seed(config.seed)
     precision = training_precision(config.precision)
-    model = build_cross_encoder(config.base_model, config.max_length)
-    columns: dict[str, list[str]] = {"query": [], "positive": []}
-    for number in range(config.hard_negatives):
-        columns[f"negative_{number + 1}"] = []
-    for example in sorted(examples, key=lambda e: e["round"]):
-        columns["query"].append(queries[example["query_id"]])
-        columns["positive"].append(texts[example["positive"]])
-        for number, negative in enumerate(example["negatives"]):
-            columns[f"negative_{number + 1}"].append(texts[negative])
-    dataset = Dataset.from_dict(columns)
-    steps_per_round = max(1, len(dataset) // max(1, examples[-1]["round"] + 1) // config.queries_per_step)
-    evaluation_steps = max(1, steps_per_round // max(1, config.evaluations_per_epoch))
-    evaluator = autocast_reranking_evaluator(dev_samples, precision)
-    loss = MultipleNegativesRankingLoss(model, num_negatives=config.random_negatives, scale=1.0, activation_fn=torch.nn.Identity())
-    checkpoint_steps = max(1, steps_per_round // max(1, config.checkpoints_per_epoch))
-    arguments = CrossEncoderTrainingArguments(
-        output_dir=os.path.join(output_folder, "checkpoints"),
-        num_train_epochs=1,  # the dataset already holds one round of fresh negatives per epoch
-        max_steps=config.max_steps or -1,
-        per_device_train_batch_size=config.queries_per_step,
-        learning_rate=config.encoder_learning_rate,
-        warmup_steps=config.warmup_ratio,  # a float below 1 is a fraction of the steps (transformers 5)
-        lr_scheduler_type="linear",
-        bf16=precision == "bf16",
-        use_cpu=not torch.cuda.is_available(),
-        eval_strategy="steps",
-        eval_steps=evaluation_steps,
-        save_strategy="steps",
-        save_steps=checkpoint_steps,
-        save_total_limit=1,
-        logging_steps=max(1, min(checkpoint_steps, 10)),
-        seed=config.seed,
-        data_seed=config.seed,
-        dataloader_drop_last=True,
-        report_to="none",
-        disable_tqdm=False,
-    )
-    best_folder = os.path.join(output_folder, "best")
-    trainer = _TwoRateTrainer(
-        head_learning_rate=config.head_learning_rate,
-        model=model,
-        args=arguments,
-        train_dataset=dataset,
-        loss=loss,
-        evaluator=evaluator,
-        callbacks=[_keep_best_callback(best_folder, "eval_dev_ndcg@10")],
-    )
     checkpoints = os.path.join(output_folder, "checkpoints")
+    best_folder = os.path.join(output_folder, "best")
+    callbacks = [_planned_evaluations(plan), _keep_best_callback(best_folder, PRIMARY_DEV_METRIC)]
+    trainer = _make_trainer(model, dataset, evaluator, config, checkpoints, plan.total_steps, plan.warmup_steps, plan.checkpoint_every, callbacks, precision)
     resume = os.path.isdir(checkpoints) and any(name.startswith("checkpoint-") for name in os.listdir(checkpoints))
     if resume:
         print(f"resuming from the last checkpoint in {checkpoints}")
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume or None)
     seconds = time.perf_counter() - started
-    if trainer.state.global_step % evaluation_steps:  # the last step was not evaluated yet
-        _keep_best(best_folder, "eval_dev_ndcg@10", trainer.evaluate(), trainer.model, trainer.state.global_step)
+    if not os.path.exists(os.path.join(best_folder, "best.json")):
+        _keep_best(best_folder, PRIMARY_DEV_METRIC, trainer.evaluate(), trainer.model, trainer.state.global_step)
     best = json.loads(open(os.path.join(best_folder, "best.json")).read())
-    from sentence_transformers import CrossEncoder
-
     model = CrossEncoder(os.path.join(best_folder, "model"), max_length=config.max_length)
     model_folder = os.path.join(output_folder, "model")
     model.save(model_folder)
     history = trainer.state.log_history
+    pairs_per_row = float(np.mean([len(labels) for labels in dataset["labels"]])) if len(dataset) else 0.0
     return {
         "precision": precision,
         "steps": trainer.state.global_step,
         "resumed": resume,
         "train_seconds": round(seconds, 1),
-        "pairs_per_second": round(result.metrics.get("train_samples_per_second", 0.0) * (1 + config.hard_negatives + config.random_negatives), 2),
+        "pairs_per_second": round(result.metrics.get("train_samples_per_second", 0.0) * pairs_per_row, 2),
         "best_step": best["step"],
-        "best_dev_ndcg@10": best["value"],
+        "best_dev_fused_ndcg@10": best["value"],
         "loss_curve": [{"step": entry["step"], "loss": entry["loss"]} for entry in history if "loss" in entry],
-        "dev_curve": [{"step": entry["step"], "ndcg@10": entry["eval_dev_ndcg@10"]} for entry in history if "eval_dev_ndcg@10" in entry],
+        "dev_curve": [
+            {"step": entry["step"], **{key.removeprefix("eval_dev_"): entry[key] for key in entry if key.startswith("eval_dev_")}}
+            for entry in history
+            if PRIMARY_DEV_METRIC in entry
+        ],
         "model_folder": model_folder,
     }
+
+
+def _make_trainer(model, dataset, evaluator, config: TrainingConfig, output_dir: str, steps: int, warmup_steps: int, save_every: int,
+                  callbacks: list, precision: str, disable_tqdm: bool = False):
+    """The CrossEncoderTrainer for ListNet lists in dataset order, with the two learning rates."""
+    import torch
+    from sentence_transformers.cross_encoder import CrossEncoderTrainingArguments
+    from sentence_transformers.cross_encoder.losses import ListNetLoss
+
+    arguments = CrossEncoderTrainingArguments(
+        output_dir=output_dir,
+        max_steps=steps,
+        per_device_train_batch_size=config.queries_per_step,
+        learning_rate=config.encoder_learning_rate,
+        warmup_steps=warmup_steps,
+        lr_scheduler_type="linear",
+        bf16=precision == "bf16",
+        use_cpu=not torch.cuda.is_available(),
+        eval_strategy="no",  # the planned evaluations are triggered by a callback
+        save_strategy="steps" if save_every else "no",
+        save_steps=save_every or 500,
+        save_total_limit=1,
+        logging_steps=max(1, min(save_every or 10, 10)),
+        seed=config.seed,
+        data_seed=config.seed,
+        batch_sampler=sequential_batch_sampler,
+        dataloader_drop_last=True,
+        report_to="none",
+        disable_tqdm=disable_tqdm,
+    )
+    return _TwoRateTrainer(
+        head_learning_rate=config.head_learning_rate,
+        model=model,
+        args=arguments,
+        train_dataset=dataset,
+        loss=ListNetLoss(model, activation_fn=torch.nn.Identity(), mini_batch_size=-1),  # every pair of the step in one forward pass
+        evaluator=evaluator,
+        callbacks=callbacks,
+    )
+
+
+def _planned_evaluations(plan: TrainingPlan):
+    """A trainer callback that evaluates at the plan's steps, and stops a run that overruns its budget by half."""
+    from transformers import TrainerCallback
+
+    class PlannedEvaluations(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.started = time.perf_counter()
+            self.first_step = state.global_step
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step in plan.evaluation_steps:
+                control.should_evaluate = True
+            done = state.global_step - self.first_step
+            remaining = plan.total_steps - self.first_step
+            if remaining > 0 and plan.budget_seconds and time.perf_counter() - self.started > 1.5 * plan.budget_seconds * remaining / plan.total_steps:
+                print(f"training overran its budget ({plan.budget_seconds:.0f} s) by half at step {state.global_step}: stopping early", flush=True)
+                control.should_training_stop = True
+                control.should_evaluate = True
+            return control
+
+    return PlannedEvaluations()
 
 
 def _keep_best(folder: str, metric: str, metrics: dict, model, step: int) -> None:
@@ -364,6 +463,27 @@ def _TwoRateTrainer(**kwargs):
     return _make_two_rate_trainer()(**kwargs)
 
 
+def serving_decision(stages: dict[str, dict[str, float]], weight: float) -> dict[str, Any]:
+    """What the query job does with the trained reranker, from its dev results; ``message`` says it in one line.
+
+    ``weight`` was fitted on dev over a grid that includes 0, so the fused ranking is never below
+    the first stage on dev; weight 0 means the reranker cannot help and is not used at all.
+    """
+    first, reranked, fused = (stages[stage]["ndcg@10"] for stage in ("first_stage", "reranked", "fused"))
+    if weight <= 0.0:
+        return {"mode": "first_stage", "message": f"the trained reranker does not raise dev nDCG@10 above the first stage ({first:.4f}) at any fusion weight: the query job keeps the first stage alone"}
+    if reranked <= first:
+        return {"mode": "fused", "message": f"the trained reranker alone is not better than the first stage on dev (nDCG@10 {reranked:.4f} vs {first:.4f}): the query job fuses it with the first stage (a = {weight}, dev nDCG@10 {fused:.4f})"}
+    return {"mode": "fused", "message": f"the trained reranker beats the first stage on dev (nDCG@10 {reranked:.4f} vs {first:.4f}); fused with a = {weight}: {fused:.4f}"}
+
+
+def write_serving_card(model_folder: str, card: dict[str, Any]) -> None:
+    """``fusion.json`` next to the model: the fusion weight, the serving mode and what they were fitted on."""
+    from pipelines import storage
+
+    storage.write_json_atomically(os.path.join(model_folder, FUSION_FILE), {**card, "formula": "a*z(rerank_logit) + (1-a)*z(first_stage_score), z within each query"})
+
+
 @dataclass
 class TrainRerankerConfig:
     """Settings of jobs.train_reranker."""
@@ -392,21 +512,6 @@ def _first_stage(run) -> tuple[dict[str, list[str]], dict[str, np.ndarray]]:
         candidates.setdefault(query_id, []).append(doc_id)
         scores.setdefault(query_id, []).append(score)
     return candidates, {query_id: np.asarray(values, dtype=np.float32) for query_id, values in scores.items()}
-
-
-def _ranking_metrics(evaluator, ranking: dict[str, list[str]]) -> dict[str, float]:
-    metrics = evaluator.evaluate_ranking(ranking)
-    return {name: round(float(metrics[name]), 4) for name in ("ndcg@10", "p@3", "mrr@10")}
-
-
-def _rank_by(candidates: dict[str, list[str]], scores: dict[str, np.ndarray], depth: int) -> dict[str, list[str]]:
-    """Top-``depth`` reordered by ``scores`` (ties: first-stage order), the rest in first-stage order."""
-    ranking = {}
-    for query_id, docs in candidates.items():
-        head = docs[:depth]
-        order = np.lexsort((np.arange(len(head)), -scores[query_id][: len(head)]))
-        ranking[query_id] = [head[i] for i in order] + docs[depth:]
-    return ranking
 
 
 def export_int8_reranker(model, model_folder: str, calibration: list[tuple[str, str]], dev_ndcg, reference: float, tolerance: float) -> dict[str, Any]:
@@ -440,12 +545,31 @@ def export_int8_reranker(model, model_folder: str, calibration: list[tuple[str, 
             "calibration_pairs": len(calibration), "seconds": round(time.perf_counter() - started, 1)}
 
 
+def _plan_from_probe(model, lists_for_probe, queries, texts, training: TrainingConfig, precision: str, dev_pairs: int, scratch_folder: str) -> TrainingPlan:
+    """Measure a step and a dev evaluation on this machine, then plan the budget."""
+    rows = lists_dataset(lists_for_probe, queries, texts)
+    seconds_per_step, seconds_per_evaluation = measure_speed(model, rows, training, precision, dev_pairs, scratch_folder)
+    plan = plan_training(
+        parse_duration(training.budget),
+        seconds_per_step,
+        seconds_per_evaluation,
+        training.evaluations,
+        training.distillation_fraction,
+        training.warmup_ratio,
+        training.checkpoints,
+        fixed_steps=training.max_steps,
+    )
+    print(f"training plan: {plan.total_steps} steps ({plan.distillation_steps} distilling the first stage), {seconds_per_step:.2f} s/step, "
+          f"dev evaluations at steps {list(plan.evaluation_steps)} ({seconds_per_evaluation:.0f} s each), budget {training.budget}", flush=True)
+    return plan
+
+
 def train_reranker(config: TrainRerankerConfig) -> dict[str, Any]:
-    """Mine, train, fit fusion, evaluate on dev; returns the training report (also saved as JSON)."""
+    """Mine, plan, train, select, fit fusion and decide how to serve; returns the training report (also saved as JSON)."""
     from pipelines import index_store, storage
     from pipelines.document_texts import texts_by_id
     from pipelines.documents import CorpusConfig
-    from pipelines.evaluation import RunEvaluator, read_qrels, read_run
+    from pipelines.evaluation import read_qrels, read_run
     from pipelines.retrieval import RetrieveRerankConfig, retrieve_and_rerank
     from pipelines.runtime import ensure_ray, worker_visible
 
@@ -458,75 +582,94 @@ def train_reranker(config: TrainRerankerConfig) -> dict[str, Any]:
         os.makedirs(output_folder, exist_ok=True)
         # 1. Mine: first-stage candidates for every judged training query (resumable query job).
         mining_url = os.path.join(output_folder, "mining")
-        depth = max(training.mining_depth, training.dev_depth, config.fusion_depth)
+        depth = max(training.mining.candidate_depth, training.dev_depth, config.fusion_depth)
         mining = RetrieveRerankConfig(index=config.index, queries=config.queries, output=mining_url, qrels=config.qrels)
         mining.search.top_k = depth
         retrieve_and_rerank(mining)
         candidates, first_scores = _first_stage(read_run(mining_url))
         train_ids, dev_ids = split_dev_queries(sorted(candidates), training.dev_queries, training.seed)
-        rounds = max(1, int(np.ceil(training.epochs)))
-        pools = {q: candidates[q][: training.mining_depth] for q in train_ids}
-        examples = mine_examples(pools, qrels, train_ids, training.hard_negatives, rounds, training.seed)
-        # 2. Texts of every document and query involved (read from the corpus and the query log).
-        needed = {doc for q in candidates for doc in candidates[q]} | {doc for q in candidates for doc in qrels.get(q, {})}
+        # 2. Texts of every candidate and query involved (read from the corpus and the query log).
+        needed = sorted({doc for q in candidates for doc in candidates[q]})
         with worker_visible(manifest["corpus"]["url"]) as corpus_url:
-            texts = texts_by_id(corpus_url, CorpusConfig(**manifest["documents"]), sorted(needed))
+            texts = texts_by_id(corpus_url, CorpusConfig(**manifest["documents"]), needed)
         with worker_visible(config.queries) as queries_url:
             queries = texts_by_id(queries_url, mining.query_log, sorted(candidates))
-        examples = [e for e in examples if e["positive"] in texts]
-        if not examples:
-            raise ValueError(f"{config.qrels}: no training example has a judged positive in the index corpus")
-        dev_samples = [
-            {
-                "query": queries[q],
-                "positive": [texts[d] for d, grade in qrels[q].items() if grade > 0 and d in texts],
-                "documents": [texts[d] for d in candidates[q][: training.dev_depth]],
-            }
-            for q in dev_ids
-        ]
-        print(f"mined {len(examples)} training tuples from {len(train_ids)} queries; {len(dev_ids)} dev queries")
-        # 3. Train (resumes from checkpoints), then score dev at the fusion depth and fit the fusion weight.
-        trained = train_cross_encoder(examples, queries, texts, dev_samples, training, output_folder)
+        pools = {q: QueryCandidates(candidates[q][: training.mining.candidate_depth], first_scores[q][: training.mining.candidate_depth], qrels.get(q, {})) for q in train_ids}
+        trainable = trainable_queries(pools, training.mining)
+        if len(trainable) < training.queries_per_step:
+            raise ValueError(f"{config.qrels}: only {len(trainable)} training queries have a judged document among their top {training.mining.candidate_depth} candidates")
+        random_pool = sorted({doc for q in train_ids for doc in candidates[q]})
+        dev = DevSet({q: queries[q] for q in dev_ids}, texts, {q: candidates[q] for q in dev_ids}, {q: first_scores[q] for q in dev_ids}, {q: qrels[q] for q in dev_ids})
+        dense = sum(len(pools[q].judged_positives) >= training.mining.dense_judgments for q in trainable)
+        print(f"{len(trainable)} of {len(train_ids)} training queries have a judged document among their candidates ({dense} with dense judgments); {len(dev_ids)} dev queries")
+
+        # 3. Plan the budget on this machine (kept for a resume), sample the lists, train.
+        precision = training_precision(training.precision)
+        model = build_cross_encoder(training.base_model, training.max_length)
+        per_list = 1 + training.mining.hard_negatives + training.mining.random_negatives
+
+        def make_plan() -> TrainingPlan:
+            probe_steps = sample_query_steps(trainable, 6, training.queries_per_step, random.Random(training.seed + 1))
+            probe = labelled_lists(pools, probe_steps, training.mining, random_pool, training.seed + 1)
+            return _plan_from_probe(model, probe, queries, texts, training, precision, len(dev_ids) * training.dev_depth, os.path.join(output_folder, "probe"))
+
+        plan, plan_reused = load_or_plan(output_folder, make_plan)
+        steps = sample_query_steps(trainable, plan.total_steps, training.queries_per_step, random.Random(training.seed))
+        lists = distillation_lists(pools, steps[: plan.distillation_steps], per_list, training.mining.pool_size, training.teacher_scale, training.seed)
+        lists += labelled_lists(pools, steps[plan.distillation_steps :], training.mining, random_pool, training.seed)
+        evaluator = dev_evaluator(dev, training.dev_depth, precision)
+        trained = train_cross_encoder(model, lists_dataset(lists, queries, texts), evaluator, plan, training, output_folder)
+
+        # 4. Score dev at the serving depth, fit the fusion weight (0 = first stage alone), decide how to serve.
         from sentence_transformers import CrossEncoder
 
         model = CrossEncoder(trained["model_folder"], max_length=training.max_length)
-        dev_candidates = {q: candidates[q] for q in dev_ids}
-        dev_scores = score_candidates(model, queries, dev_candidates, texts, config.fusion_depth, trained["precision"])
-        relevance = {q: np.array([qrels[q].get(d, 0) for d in candidates[q][: config.fusion_depth]], dtype=np.float64) for q in dev_ids}
-        weight, _ = fit_fusion_weight(
-            [dev_scores[q] for q in dev_ids],
-            [first_scores[q][: config.fusion_depth] for q in dev_ids],
-            [relevance[q] for q in dev_ids],
-        )
-        fused = {q: fuse_scores(dev_scores[q], first_scores[q][: config.fusion_depth], weight) for q in dev_ids}
-        evaluator = RunEvaluator({q: qrels[q] for q in dev_ids})
-        dev_metrics = {
-            "first_stage": _ranking_metrics(evaluator, dev_candidates),
-            "reranked": _ranking_metrics(evaluator, _rank_by(dev_candidates, dev_scores, config.fusion_depth)),
-            "fused": _ranking_metrics(evaluator, _rank_by(dev_candidates, fused, config.fusion_depth)),
+        dev_scores = score_candidates(model, queries, dev.candidates, texts, config.fusion_depth, trained["precision"])
+        weight, dev_metrics = dev.stages(dev_scores, config.fusion_depth)
+        decision = serving_decision(dev_metrics, weight)
+        print(decision["message"], flush=True)
+        trained_on = {
+            "index": config.index,
+            "index_version": manifest["version_id"],
+            "corpus": manifest["corpus"]["url"],
+            "corpus_fingerprint": index_store.corpus_fingerprint(index_store.load_doc_ids(config.index, manifest)),
         }
-        write_fusion_weight(trained["model_folder"], weight, dev_metrics["fused"]["ndcg@10"])
+        fitted_on = f"{len(dev_ids)} training queries of {config.qrels} held out from training (seed {training.seed}), reranked to depth {config.fusion_depth}"
+        write_serving_card(trained["model_folder"], {"weight": weight, "mode": decision["mode"], "message": decision["message"], "fitted_on": fitted_on,
+                                                     "dev": dev_metrics, "trained_on": trained_on, "dev_ndcg@10": dev_metrics["fused"]["ndcg@10"]})
 
-        # 4. int8 export for CPU serving, calibrated on training pairs, kept only if dev quality holds.
-        int8 = {"kept": False, "reason": "disabled (--int8 false)"}
-        if config.int8:
-            train_pairs, _ = candidate_pairs(queries, pools, texts, training.mining_depth)
+        # 5. int8 export for CPU serving, calibrated on training pairs, kept only if dev quality holds.
+        int8: dict[str, Any] = {"kept": False, "reason": "disabled (--int8 false)"}
+        if decision["mode"] == "first_stage":
+            int8 = {"kept": False, "reason": "the reranker is not served"}
+        elif config.int8:
+            train_candidates = {q: pools[q].doc_ids for q in trainable}
+            train_pairs, _ = candidate_pairs(queries, train_candidates, texts, training.mining.pool_size)
             chosen = np.sort(np.random.default_rng(training.seed).choice(len(train_pairs), size=min(config.calibration_pairs, len(train_pairs)), replace=False))
 
             def dev_fused_ndcg(scorer) -> float:
-                scores = score_candidates(scorer, queries, dev_candidates, texts, config.fusion_depth, "int8")
-                fused_int8 = {q: fuse_scores(scores[q], first_scores[q][: config.fusion_depth], weight) for q in dev_ids}
-                return _ranking_metrics(evaluator, _rank_by(dev_candidates, fused_int8, config.fusion_depth))["ndcg@10"]
+                scores = score_candidates(scorer, queries, dev.candidates, texts, config.fusion_depth, "int8")
+                fused = {q: fuse_scores(scores[q], dev.first_stage_scores[q][: config.fusion_depth], weight) for q in dev_ids}
+                return dev.metrics(rank_by(dev.candidates, fused, config.fusion_depth))["ndcg@10"]
 
             int8 = export_int8_reranker(model, trained["model_folder"], [train_pairs[i] for i in chosen], dev_fused_ndcg,
                                         dev_metrics["fused"]["ndcg@10"], config.int8_tolerance)
+        from pipelines.config import config_to_dict
+
         report = {
-            "config": {"index": config.index, "queries": config.queries, "qrels": config.qrels, "fusion_depth": config.fusion_depth, "training": training.__dict__},
+            "config": {key: value for key, value in config_to_dict(config).items()},
             "index_version": manifest["version_id"],
             "train_queries": len(train_ids),
+            "trainable_queries": len(trainable),
+            "dense_judgment_queries": dense,
             "dev_queries": len(dev_ids),
-            "training_tuples": len(examples),
+            "plan": plan.to_dict(),
+            "plan_reused": plan_reused,
+            "training_lists": len(lists),
             "fusion_weight": weight,
+            "serving": decision,
+            "fitted_on": fitted_on,
+            "trained_on": trained_on,
             "dev": dev_metrics,
             "int8": int8,
             **{key: value for key, value in trained.items() if key != "model_folder"},

@@ -136,3 +136,48 @@ def test_missing_index_is_a_clear_error(query_files, tmp_path):
 def test_rerank_deeper_than_top_k_is_refused(query_files, tmp_path):
     with pytest.raises(ValueError, match="deeper than"):
         run_job("--index", str(tmp_path), "--queries", query_files["queries"], "--output", str(tmp_path / "x"), "--reranker", "m", "--top-k", "5", "--rerank-depth", "10")
+
+
+def reranker_with_card(tiny_cross_encoder: str, folder, **card) -> str:
+    import json
+
+    target = folder / "reranker"
+    shutil.copytree(tiny_cross_encoder, target)
+    (target / "fusion.json").write_text(json.dumps({"fitted_on": "40 held-out queries of train.tsv", **card}))
+    return str(target)
+
+
+def test_a_reranker_that_did_not_beat_the_first_stage_on_dev_is_not_served(damaged_corpus_index, tiny_cross_encoder, query_files, tmp_path):
+    from pipelines import index_store
+
+    root = str(damaged_corpus_index.root)
+    fingerprint = index_store.corpus_fingerprint(index_store.load_doc_ids(root, index_store.read_manifest(root)))
+    reranker = reranker_with_card(tiny_cross_encoder, tmp_path, weight=0.0, mode="first_stage", trained_on={"corpus": "here", "corpus_fingerprint": fingerprint})
+    summary = run_job("--index", root, "--queries", query_files["queries"], "--output", str(tmp_path / "run"), "--reranker", reranker,
+                      "--top-k", str(TOP_K), "--rerank-depth", str(DEPTH))
+    assert summary["reranker"] == "none" and summary["pairs_reranked"] == 0 and summary["fusion_weight"] is None
+    assert any("first stage is served alone" in note for note in summary["reranker_notes"])
+    assert not any(note.startswith("warning") for note in summary["reranker_notes"])
+    run = read_run(str(tmp_path / "run"))
+    assert run["rerank_score"].null_count == run.num_rows
+    assert run["rank"].to_pylist() == run["first_stage_rank"].to_pylist()
+
+
+@pytest.mark.parametrize("foreign_corpus", ["first_stage", "fuse"])
+def test_a_reranker_from_another_corpus_warns_naming_where_it_was_fitted(damaged_corpus_index, tiny_cross_encoder, query_files, tmp_path, foreign_corpus):
+    root = str(damaged_corpus_index.root)
+    reranker = reranker_with_card(tiny_cross_encoder, tmp_path, weight=0.4, mode="fused", trained_on={"corpus": "s3://elsewhere/corpus.jsonl", "corpus_fingerprint": "0123456789abcdef"})
+    flags = ["--rerank.foreign-corpus", foreign_corpus] if foreign_corpus != "first_stage" else []  # first_stage is the default
+    summary = run_job("--index", root, "--queries", query_files["queries"], "--output", str(tmp_path / "run"), "--reranker", reranker,
+                      "--top-k", str(TOP_K), "--rerank-depth", str(DEPTH), *flags)
+    warnings = [note for note in summary["reranker_notes"] if note.startswith("warning")]
+    assert len(warnings) == 1 and "s3://elsewhere/corpus.jsonl" in warnings[0]
+    assert summary["fusion_fitted_on"] == "40 held-out queries of train.tsv"
+    run = read_run(str(tmp_path / "run"))
+    if foreign_corpus == "fuse":
+        assert summary["reranker"] == reranker and summary["fusion_weight"] == 0.4
+        assert run["fused_score"].null_count < run.num_rows
+    else:
+        assert summary["reranker"] == "none" and summary["fusion_weight"] is None
+        assert any("first stage is served alone" in note for note in summary["reranker_notes"])
+        assert run["rerank_score"].null_count == run.num_rows
