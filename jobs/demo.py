@@ -130,6 +130,8 @@ def run_demo(config: DemoConfig) -> dict:
             rows.append((f"{stage} lift nDCG@10 / P@3", f"{_lift(metrics['ndcg@10'], first['ndcg@10'])} / {_lift(metrics['p@3'], first['p@3'])}"))
     if not query_config.rerank.enabled:
         rows.append(("reranker", "none: first stage only (--reranker train or a CrossEncoder path enables it)"))
+    elif query_summary["reranker"] == "none":
+        rows.append(("reranker scoring", "skipped: the first stage is served (see the notes)"))
     else:
         rows.append(("reranker scoring", "int8 (OpenVINO)" if reranker_int8 else "torch"))
     report_url = os.path.join(os.path.dirname(reranker), "training_report.json")

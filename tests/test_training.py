@@ -266,10 +266,10 @@ def test_the_loss_falls_on_a_learnable_toy_task_at_the_default_learning_rates(ti
     lists, queries, texts, dev = toy_lists(steps=STEPS)
     config = tiny_training_config(tiny_cross_encoder)
     defaults = TrainingConfig()
-    assert (config.encoder_learning_rate, config.head_learning_rate, config.warmup_ratio) == (defaults.encoder_learning_rate, defaults.head_learning_rate, defaults.warmup_ratio)
+    assert (config.encoder_learning_rate, config.head_learning_rate, config.warmup_ratio, config.dropout) == (defaults.encoder_learning_rate, defaults.head_learning_rate, defaults.warmup_ratio, defaults.dropout)
     before = mean_loss(tiny_cross_encoder, lists[:24], queries, texts)
     plan = plan_training(0.0, 1.0, 0.0, 2, 0.0, config.warmup_ratio, 3, fixed_steps=STEPS)
-    model = build_cross_encoder(tiny_cross_encoder, 32)
+    model = build_cross_encoder(tiny_cross_encoder, 32, config.dropout)
     result = train_cross_encoder(model, lists_dataset(lists, queries, texts), dev_evaluator(dev, 4, "fp32"), plan, config, str(tmp_path))
     after = mean_loss(result["model_folder"], lists[:24], queries, texts)
     assert result["steps"] == STEPS
@@ -278,6 +278,22 @@ def test_the_loss_falls_on_a_learnable_toy_task_at_the_default_learning_rates(ti
     assert {"reranked_ndcg@10", "fused_ndcg@10", "fusion_weight"} <= set(result["dev_curve"][0])
     best = json.loads((tmp_path / "best" / "best.json").read_text())
     assert best["value"] == max(point["fused_ndcg@10"] for point in result["dev_curve"])
+
+
+def test_the_dropout_setting_reaches_every_dropout_layer(tiny_cross_encoder):
+    import torch
+
+    from pipelines.training import build_cross_encoder
+
+    kept = build_cross_encoder(tiny_cross_encoder, 32)
+    assert {m.p for m in kept.modules() if isinstance(m, torch.nn.Dropout)} == {0.1}
+    model = build_cross_encoder(tiny_cross_encoder, 32, 0.0)
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    assert layers and {m.p for m in layers} == {0.0}
+    model.model.train()
+    features = model.tokenizer(["a query"], ["a document about the query"], return_tensors="pt").to(model.device)
+    with torch.no_grad():
+        assert torch.equal(model.model(**features).logits, model.model(**features).logits)
 
 
 def test_training_resumes_from_its_last_checkpoint(tiny_cross_encoder, tmp_path):
