@@ -581,14 +581,11 @@ def format_table(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]
             return format(value, spec)
         return str(value)
 
+    from pipelines.runtime import format_table as format_text_table
+
     header = [heading for _, heading, _ in columns]
     body = [[cell(row.get(key), spec) for key, _, spec in columns] for row in rows]
-    widths = [max(len(text) for text in column) for column in zip(header, *body)]
-    lines = ["| " + " | ".join(text.ljust(width) for text, width in zip(header, widths)) + " |"]
-    lines.append("|" + "|".join("-" * (width + 2) for width in widths) + "|")
-    for row in body:
-        lines.append("| " + " | ".join(text.rjust(width) if i else text.ljust(width) for i, (text, width) in enumerate(zip(row, widths))) + " |")
-    return "\n".join(([title, ""] if title else []) + lines)
+    return format_text_table(body, title + "\n" if title else "", headers=header, markdown=True)
 
 
 def write_results(path: str | Path, payload: dict[str, Any]) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 
+from pipelines.cli import run_job
 from pipelines.config import format_config, parse_config
 from pipelines.indexing import BuildIndexConfig, build_index, summary_table
 
@@ -22,4 +23,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(run_job(main, sys.argv[1:]))

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipelines import index_store, storage
+from pipelines.cli import run_job
 from pipelines.config import config_to_dict, format_config, parse_config
 from pipelines.evaluation import RunEvaluator, format_metrics_table, read_qrels, read_run
 from pipelines.indexing import BuildIndexConfig, build_index, summary_table
@@ -46,6 +47,11 @@ class DemoConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
 
     def validate(self) -> None:
+        from pipelines.config import require_at_least
+
+        require_at_least(self, {"rerank_depth": 1, "top_k": 1})
+        if self.rerank_depth > self.top_k:
+            raise ValueError(f"--rerank-depth {self.rerank_depth} is deeper than --top-k {self.top_k}")
         if self.eval_split == "train":
             raise ValueError("--eval-split train: the reranker trains on qrels/train.tsv; evaluate on a held-out split")
         required = ["corpus.jsonl", "queries.jsonl", f"qrels/{self.eval_split}.tsv"] + (["qrels/train.tsv"] if self.reranker == "train" else [])
@@ -173,4 +179,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(run_job(main, sys.argv[1:]))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 
+from pipelines.cli import run_job
 from pipelines.config import format_config, parse_config
 from pipelines.retrieval import RetrieveRerankConfig, retrieve_and_rerank, summary_table
 
@@ -23,4 +24,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(run_job(main, sys.argv[1:]))

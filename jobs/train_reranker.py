@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import sys
 
+from pipelines.cli import run_job
 from pipelines.config import format_config, parse_config
 from pipelines.runtime import format_table
 from pipelines.training import TrainRerankerConfig, train_reranker
@@ -36,4 +37,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(run_job(main, sys.argv[1:]))

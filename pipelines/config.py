@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import types
 import typing
 from pathlib import Path
@@ -108,17 +109,36 @@ def _apply(config: Any, values: dict[str, Any], source: str, prefix: str = "") -
 
 def load_yaml_config(config: Any, path: str | Path) -> None:
     """Apply the settings of a YAML file to ``config`` in place."""
-    text = Path(path).read_text()
-    values = yaml.safe_load(text) or {}
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path}: cannot read the config file ({error.strerror if isinstance(error, OSError) else error})") from None
+    try:
+        values = yaml.safe_load(text) or {}
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}:{where} not valid YAML ({getattr(error, 'problem', None) or error})") from None
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of settings")
     _apply(config, values, str(path))
 
 
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as a one-line :class:`ConfigError` instead of usage text and exit."""
+
+    def error(self, message: str):
+        raise ConfigError(f"command line: {message} (see --help)")
+
+
 def build_argument_parser(config_class: type, description: str) -> argparse.ArgumentParser:
-    """An argparse parser with ``--config`` plus one flag per leaf field of ``config_class``."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    """An argparse parser with ``--config`` plus one flag per leaf field of ``config_class``.
+
+    The description keeps its line breaks (examples stay on their own lines); each flag shows its default once.
+    """
+    parser = _ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML file with settings (flags override it)")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of every error")
     aliases = getattr(config_class, "FLAG_ALIASES", {})
     defaults = config_class()
     for dotted, field_type, field in _leaf_fields(config_class):
@@ -130,6 +150,8 @@ def build_argument_parser(config_class: type, description: str) -> argparse.Argu
         inner, _ = _unwrap_optional(field_type)
         if typing.get_origin(inner) is list:
             parser.add_argument(*flags, dest=dotted, action="append", default=None, help=f"{help_text} (repeatable) [default: {default}]")
+        elif inner is bool:  # --flag alone means true; --flag false (or off, no, 0) too
+            parser.add_argument(*flags, dest=dotted, default=None, nargs="?", const="true", metavar="BOOL", help=f"{help_text} [default: {str(default).lower()}]")
         else:
             parser.add_argument(*flags, dest=dotted, default=None, help=f"{help_text} [default: {default}]")
     return parser
@@ -139,6 +161,8 @@ def parse_config(config_class: type[ConfigT], argv: list[str] | None, descriptio
     """Defaults, then ``--config FILE.yaml``, then flags: the effective configuration."""
     parser = build_argument_parser(config_class, description)
     arguments = parser.parse_args(argv)
+    if arguments.debug:
+        os.environ["PIPELINES_DEBUG"] = "1"
     config = config_class()
     if arguments.config:
         load_yaml_config(config, arguments.config)
@@ -155,10 +179,39 @@ def parse_config(config_class: type[ConfigT], argv: list[str] | None, descriptio
             target = target.setdefault(part, {})
         target[parts[-1]] = value
     _apply(config, overrides, "command line")
+    validate_config(config)
+    return config
+
+
+def validate_config(config: Any, prefix: str = "") -> None:
+    """Run ``validate()`` of every nested config dataclass (innermost first), reporting failures as ConfigError.
+
+    Validation happens before any job work (and before Ray, torch or faiss are imported), so a bad
+    setting or a missing input costs the user a second, not a cluster start.
+    """
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if dataclasses.is_dataclass(value):
+            validate_config(value, f"{prefix}{field.name}.")
     validate = getattr(config, "validate", None)
     if callable(validate):
-        validate()
-    return config
+        try:
+            validate()
+        except ConfigError:
+            raise
+        except (ValueError, FileNotFoundError) as error:
+            message = str(error)
+            if prefix and message.startswith("--"):
+                message = "--" + prefix.replace("_", "-") + message[2:]
+            raise ConfigError(message) from None
+
+
+def require_at_least(config: Any, minimums: dict[str, float]) -> None:
+    """ValueError naming the flag when a numeric setting is below its minimum (e.g. batch sizes, top-k >= 1)."""
+    for name, minimum in minimums.items():
+        value = getattr(config, name)
+        if value < minimum:
+            raise ValueError(f"--{name.replace('_', '-')} {value}: must be at least {minimum}")
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:

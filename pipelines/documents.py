@@ -1,11 +1,14 @@
 """Reading and validating documents: Parquet or JSON lines at any fsspec URL, one row at a time checked.
 
 The corpus is split into *read pieces* by :func:`plan_read_pieces`, a pure function over file
-metadata (Parquet row groups are grouped up to ``rows_per_read_task`` rows; a JSON-lines file is one
-piece). Each piece is read in a Ray task and every row is validated: null, empty or wrongly typed
-id; missing, null, empty or wrongly typed text; wrongly typed title. A bad row is kept with its
-``reason``, ``field``, source file and row (0-based; for JSON lines the line index) so that it can be
-quarantined; good rows go on. Duplicate ids need a global view and are found afterwards by
+metadata: Parquet row groups are grouped up to ``rows_per_read_task`` rows; an uncompressed
+JSON-lines file is cut into byte ranges of about as many lines (a piece owns the lines that start
+in its range, so no line is read twice or lost); a compressed one (``.jsonl.gz``) is one piece,
+since it cannot be read from the middle. Each piece is read in a Ray task and every row is
+validated: a line that is not UTF-8 or not JSON; null, empty or wrongly typed id; missing, null,
+empty or wrongly typed text; wrongly typed title. A bad row is kept with its ``reason``, ``field``,
+source file and row (0-based; for JSON lines the line index) so that it can be quarantined; good
+rows go on. A UTF-8 byte-order mark at the start of a file is skipped. Duplicate ids need a global view and are found afterwards by
 :func:`find_duplicate_ids` (the first occurrence in file order wins).
 
 A file that cannot be read at all (corrupt Parquet, no text column) raises :class:`CorpusError`
@@ -30,8 +33,11 @@ from pipelines import storage
 PARQUET_SUFFIXES = (".parquet", ".pq")
 JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".ndjson")
 
-# Order keys sort rows by (file index, row): they decide which duplicate wins and each document's position.
+# Order keys sort rows by (file index, row; for JSON lines the line's byte offset, which sorts as the
+# line index and is known without reading the lines before it): they decide which duplicate wins and
+# each document's position.
 ROW_BITS = 40
+COMPRESSED_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".zip")
 
 VALIDATED_SCHEMA = pa.schema(
     [
@@ -64,7 +70,14 @@ class CorpusConfig:
     title_column: str = field(default="title", metadata={"help": "optional title column ('' for none)"})
     use_title: bool = field(default=True, metadata={"help": "embed title + separator + text"})
     title_separator: str = " "
-    rows_per_read_task: int = 50_000
+    rows_per_read_task: int = field(default=50_000, metadata={"help": "rows per read task (Parquet row groups are grouped, JSON lines cut into byte ranges, to about this many)"})
+
+    def validate(self) -> None:
+        from pipelines.config import require_at_least
+
+        require_at_least(self, {"rows_per_read_task": 1})
+        if self.format not in ("auto", "parquet", "jsonl"):
+            raise ValueError(f"--format {self.format}: use auto, parquet or jsonl")
 
 
 @dataclass(frozen=True)
@@ -77,11 +90,14 @@ class CorpusFile:
     id_column: str
     has_title: bool
     row_group_rows: tuple[int, ...] = ()
+    size_bytes: int = 0
+    line_bytes: float = 0.0
+    compressed: bool = False
 
 
 @dataclass(frozen=True)
 class ReadPiece:
-    """One unit of reading work: a whole JSON-lines file or a run of Parquet row groups."""
+    """One unit of reading work: a run of Parquet row groups, or the JSON lines starting in a byte range."""
 
     url: str
     file_index: int
@@ -90,6 +106,8 @@ class ReadPiece:
     has_title: bool
     row_groups: tuple[int, ...] = ()
     first_row: int = 0
+    byte_start: int = 0
+    byte_end: int = -1  # -1: to the end of the file
 
 
 def order_key(file_index: int, row: int) -> int:
@@ -165,9 +183,14 @@ def inspect_corpus_file(url: str, file_index: int, config: CorpusConfig) -> Corp
     else:
         columns_seen: set[str] = set()
         parsed = 0
-        with filesystem.open(path, "rt", encoding="utf-8", compression="infer") as handle:
-            for line in handle:
-                if not line.strip():
+        sampled_bytes = sampled_lines = 0
+        compressed = url.lower().endswith(COMPRESSED_SUFFIXES)
+        with filesystem.open(path, "rb", compression="infer") as handle:
+            for raw_line in handle:
+                sampled_bytes += len(raw_line)
+                sampled_lines += 1
+                line = _decode_line(raw_line, sampled_bytes - len(raw_line))
+                if line is None or not line.strip():
                     continue
                 try:
                     record = json.loads(line)
@@ -181,7 +204,12 @@ def inspect_corpus_file(url: str, file_index: int, config: CorpusConfig) -> Corp
         if parsed == 0:
             raise CorpusError(f"{url}: no JSON object found in the first lines; is it JSON lines?")
         columns = sorted(columns_seen)
-        row_groups = ()
+        id_column = _resolve_id_column(columns, config, url)
+        if config.text_column not in columns:
+            raise CorpusError(f"{url}: no text column '{config.text_column}' (columns: {', '.join(columns)})")
+        has_title = bool(config.title_column) and config.title_column in columns
+        size = 0 if compressed else int(filesystem.size(path))
+        return CorpusFile(url, file_index, kind, id_column, has_title, (), size, sampled_bytes / max(1, sampled_lines), compressed)
     if config.text_column not in columns:
         raise CorpusError(f"{url}: no text column '{config.text_column}' (columns: {', '.join(columns)})")
     id_column = _resolve_id_column(columns, config, url)
@@ -201,7 +229,12 @@ def plan_read_pieces(files: list[CorpusFile], rows_per_piece: int) -> list[ReadP
             has_title=corpus_file.has_title,
         )
         if corpus_file.format != "parquet":
-            pieces.append(ReadPiece(**common))
+            if corpus_file.compressed or not corpus_file.size_bytes:
+                pieces.append(ReadPiece(**common))
+                continue
+            piece_bytes = max(1, int(rows_per_piece * max(1.0, corpus_file.line_bytes)))
+            for start in range(0, corpus_file.size_bytes, piece_bytes):
+                pieces.append(ReadPiece(**common, byte_start=start, byte_end=min(start + piece_bytes, corpus_file.size_bytes)))
             continue
         group_run: list[int] = []
         run_rows = 0
@@ -257,7 +290,8 @@ def validate_record(record: object, piece: ReadPiece, config: CorpusConfig) -> t
 
 
 def _iterate_records(piece: ReadPiece, config: CorpusConfig) -> Iterator[tuple[int, object]]:
-    """(row, raw record) pairs of one piece; a line that is not JSON yields its error as the record."""
+    """(row, raw record) pairs of one piece (for JSON lines the row is (line index, byte offset)); a line that is
+    not UTF-8 or not JSON yields its error as the record."""
     filesystem, path = storage.filesystem_and_path(piece.url)
     if piece.format == "parquet":
         columns = [piece.id_column, config.text_column] + ([config.title_column] if piece.has_title else [])
@@ -266,20 +300,95 @@ def _iterate_records(piece: ReadPiece, config: CorpusConfig) -> Iterator[tuple[i
         for offset, record in enumerate(table.to_pylist()):
             yield piece.first_row + offset, record
         return
-    with filesystem.open(path, "rt", encoding="utf-8", compression="infer") as handle:
-        for row, line in enumerate(handle):
-            if not line.strip():
-                continue
-            try:
-                yield row, json.loads(line)
-            except json.JSONDecodeError as error:
-                yield row, _InvalidJson(line, str(error))
+    for offset, number, raw_line in _piece_lines(piece):
+        line = _decode_line(raw_line, offset)
+        row = (piece.first_row + number, offset)
+        if line is None:
+            yield row, _InvalidJson(raw_line.decode("utf-8", "backslashreplace"), "not valid UTF-8", "invalid UTF-8")
+            continue
+        if not line.strip():
+            continue
+        try:
+            yield row, json.loads(line)
+        except json.JSONDecodeError as error:
+            yield row, _InvalidJson(line, str(error))
+
+
+def _decode_line(raw_line: bytes, offset: int) -> str | None:
+    """A line as text (the file's first line, at offset 0, without its byte-order mark), or None if it is not UTF-8."""
+    try:
+        return raw_line.decode("utf-8-sig" if offset == 0 else "utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+def _piece_lines(piece: ReadPiece) -> Iterator[tuple[int, int, bytes]]:
+    """``(byte offset, line index within the piece, bytes)`` of the lines that start in the piece's range.
+
+    A range that starts mid-line skips to the next line start: the previous piece reads that line
+    to its end. A whole-file piece (``byte_end`` -1, e.g. a compressed file) reads every line.
+    """
+    filesystem, path = storage.filesystem_and_path(piece.url)
+    whole = piece.byte_end < 0
+    with filesystem.open(path, "rb", compression="infer" if whole else None) as handle:
+        position = piece.byte_start
+        if position > 0:
+            handle.seek(position - 1)
+            position += len(handle.readline()) - 1  # past the end of the line that holds byte start-1
+        number = 0
+        while whole or position < piece.byte_end:
+            line = handle.readline()
+            if not line:
+                break
+            yield position, number, line
+            position += len(line)
+            number += 1
+
+
+def count_piece_lines(piece: ReadPiece, chunk_bytes: int = 1 << 24) -> int:
+    """How many lines start in a byte-range piece: the newlines in bytes [start-1, end-1), plus the line at 0."""
+    filesystem, path = storage.filesystem_and_path(piece.url)
+    first = max(0, piece.byte_start - 1)
+    count = 1 if piece.byte_start == 0 and piece.byte_end > 0 else 0
+    with filesystem.open(path, "rb") as handle:
+        handle.seek(first)
+        remaining = piece.byte_end - 1 - first
+        while remaining > 0:
+            data = handle.read(min(chunk_bytes, remaining))
+            if not data:
+                break
+            count += data.count(b"\n")
+            remaining -= len(data)
+    return count
+
+
+def number_pieces(pieces: list[ReadPiece], count_lines=None) -> list[ReadPiece]:
+    """Give each byte-range piece the file line index of its first line (``first_row``).
+
+    ``count_lines(pieces) -> counts`` counts the lines starting in each piece (in Ray tasks, in the
+    job); only pieces followed by another piece of the same file need counting.
+    """
+    needed = [index for index, piece in enumerate(pieces[:-1]) if piece.byte_end >= 0 and pieces[index + 1].url == piece.url and pieces[index + 1].byte_end >= 0]
+    if not needed:
+        return pieces
+    counts = dict(zip(needed, (count_lines or (lambda chosen: [count_piece_lines(p) for p in chosen]))([pieces[i] for i in needed])))
+    numbered, next_row = [], 0
+    for index, piece in enumerate(pieces):
+        if piece.byte_end >= 0:
+            if piece.byte_start == 0:
+                next_row = 0
+            numbered.append(dataclasses.replace(piece, first_row=next_row))
+            next_row += counts.get(index, 0)
+        else:
+            numbered.append(piece)
+    return numbered
 
 
 @dataclass
 class _InvalidJson:
     line: str
     error: str
+    reason: str = "invalid JSON"
 
 
 def read_piece(piece: ReadPiece, config: CorpusConfig, batch_rows: int = 10_000) -> Iterator[pa.Table]:
@@ -294,7 +403,7 @@ def read_piece(piece: ReadPiece, config: CorpusConfig, batch_rows: int = 10_000)
 
     for row, record in _iterate_records(piece, config):
         if isinstance(record, _InvalidJson):
-            values, problems = {}, [("row", f"invalid JSON: {record.error}")]
+            values, problems = {}, [("row", f"{record.reason}: {record.error}")]
             raw = record.line.strip()
         else:
             values, problems = validate_record(record, piece, config)
@@ -303,9 +412,10 @@ def read_piece(piece: ReadPiece, config: CorpusConfig, batch_rows: int = 10_000)
         columns["id"].append(values.get("id"))
         columns["content"].append(content)
         columns["text_hash"].append(content_hash(content) if content is not None else None)
+        line_row, sort_row = row if isinstance(row, tuple) else (row, row)
         columns["source_file"].append(piece.url)
-        columns["source_row"].append(row)
-        columns["order_key"].append(order_key(piece.file_index, row))
+        columns["source_row"].append(line_row)
+        columns["order_key"].append(order_key(piece.file_index, sort_row))
         columns["reason"].append("; ".join(reason for _, reason in problems) if problems else None)
         columns["field"].append(",".join(dict.fromkeys(name for name, _ in problems)) if problems else None)
         columns["raw"].append(raw[:4000] if raw else None)
@@ -324,12 +434,19 @@ def read_corpus(url: str, config: CorpusConfig):
 
     files = list_corpus_files(url, config.format)
     described = [inspect_corpus_file(file_url, index, config) for index, file_url in enumerate(files)]
-    pieces = plan_read_pieces(described, config.rows_per_read_task)
+    pieces = number_pieces(plan_read_pieces(described, config.rows_per_read_task), _count_lines_in_tasks)
     items = [{"piece": json.dumps(dataclasses.asdict(piece))} for piece in pieces]
     dataset = ray.data.from_items(items, override_num_blocks=max(1, len(items))).map_batches(
         read_pieces_batch, fn_args=(config,), batch_size=1, batch_format="numpy"
     )
     return dataset, files
+
+
+def _count_lines_in_tasks(pieces: list[ReadPiece]) -> list[int]:
+    import ray
+
+    count = ray.remote(num_cpus=0.25)(count_piece_lines)
+    return ray.get([count.remote(piece) for piece in pieces])
 
 
 def read_pieces_batch(batch: dict, config: CorpusConfig) -> Iterator[pa.Table]:
@@ -378,9 +495,79 @@ def mark_duplicates(batch: pa.Table, duplicates: pa.Table) -> pa.Table:
     return batch.set_column(batch.schema.get_field_index("raw"), "raw", pa.array(raws, pa.string()))
 
 
-def quarantined_rows(batch: pa.Table, duplicates: pa.Table) -> pa.Table:
-    """Ray Data batch function: the rows to quarantine (bad rows and later duplicates), quarantine columns only."""
-    from pipelines.runtime import resolve_broadcast
+def quarantined_rows(batch: pa.Table, duplicates: pa.Table, effective_root: str = "", public_root: str = "") -> pa.Table:
+    """Ray Data batch function: the rows to quarantine (bad rows and later duplicates), quarantine columns only.
+
+    Files read from a temporary mirror of process-local storage are named by the user's URL
+    (``effective_root`` → ``public_root``), in ``source_file`` and in a duplicate's reason.
+    """
+    from pipelines.runtime import public_url, resolve_broadcast
 
     marked = mark_duplicates(batch, resolve_broadcast(duplicates))
-    return marked.filter(pc.is_valid(marked["reason"])).select(QUARANTINE_COLUMNS)
+    rows = marked.filter(pc.is_valid(marked["reason"])).select(QUARANTINE_COLUMNS)
+    if effective_root and public_root and effective_root != public_root:
+        for column in ("source_file", "reason"):
+            names = [public_url(value, effective_root, public_root) for value in rows[column].to_pylist()]
+            rows = rows.set_column(rows.schema.get_field_index(column), column, pa.array(names, pa.string()))
+    return rows
+
+
+def _valid_keys(batch: pa.Table) -> pa.Table:
+    return batch.filter(pc.is_null(batch["reason"])).select(["id", "text_hash", "order_key", "source_file", "source_row"])
+
+
+@dataclass
+class ValidatedCorpus:
+    """A read and validated corpus (or query log): what both jobs start from.
+
+    ``rows``: the materialized Ray Dataset of every row (:data:`VALIDATED_SCHEMA`, bad rows with their
+    reason); ``keys``: the valid rows to use (first occurrence of each id), sorted in file order;
+    ``duplicates``: the later copies, which go to quarantine with the rows that failed their checks.
+    """
+
+    url: str
+    public_url: str
+    files: list[str]
+    rows: object
+    rows_read: int
+    keys: pa.Table
+    duplicates: pa.Table
+
+    @property
+    def quarantined(self) -> int:
+        return self.rows_read - self.keys.num_rows
+
+    def write_quarantine(self, folder_url: str) -> int:
+        """Rewrite ``folder_url`` with the quarantined rows (atomic parts); returns their count."""
+        import ray
+
+        storage.remove_tree(folder_url)
+        quarantine = self.rows.map_batches(quarantined_rows, fn_args=(ray.put(self.duplicates), self.url, self.public_url), batch_format="pyarrow")
+        rows, _ = storage.write_parquet_parts(quarantine, folder_url, 100_000)
+        return rows
+
+
+def validate_corpus(url: str, config: CorpusConfig, public_url: str = "", what: str = "documents") -> ValidatedCorpus:
+    """Read and check every row of ``url`` in Ray tasks, and find duplicate ids (the first in file order wins).
+
+    ``public_url`` is the URL the user gave when ``url`` is a temporary mirror of it (memory://):
+    errors and the quarantine name the user's files. No valid row at all is a :class:`CorpusError`.
+    """
+    from pipelines.runtime import collect, public_url as to_public
+
+    public = public_url or url
+    try:
+        dataset, files = read_corpus(url, config)
+    except CorpusError as error:
+        message = to_public(str(error), url, public)
+        if message == str(error):
+            raise
+        raise CorpusError(message) from error
+    dataset = dataset.materialize()
+    rows_read = dataset.count()
+    keys = collect(dataset.map_batches(_valid_keys, batch_format="pyarrow"))
+    if keys is None or keys.num_rows == 0:
+        raise CorpusError(f"{public}: no valid {what} among {rows_read} rows")
+    duplicates = find_duplicate_ids(keys)
+    keys = keys.filter(pc.invert(pc.is_in(keys["order_key"], value_set=duplicates["order_key"]))).sort_by("order_key")
+    return ValidatedCorpus(url, public, [to_public(f, url, public) for f in files], dataset, rows_read, keys, duplicates)

@@ -26,6 +26,7 @@ from pipelines import storage
 from pipelines.models import (
     choose_device,
     inference_context,
+    length_bucket_groups,
     load_sentence_transformer,
     resolve_precision,
 )
@@ -39,13 +40,22 @@ class EmbeddingConfig:
     normalize: bool = True
     max_seq_length: int = field(default=256, metadata={"help": "tokens per text (0 = the model's own)"})
     batch_size: int = field(default=32, metadata={"help": "texts per forward pass"})
-    rows_per_batch: int = field(default=256, metadata={"help": "rows per Ray Data batch sent to an actor"})
-    rows_per_part: int = field(default=20_000, metadata={"help": "rows per embedding Parquet part (unit of resume)"})
+    rows_per_batch: int = field(default=256, metadata={"help": "fewest rows per embedding part (on a small corpus, parts shrink so every actor gets work)"})
+    rows_per_part: int = field(default=20_000, metadata={"help": "most rows per embedding Parquet part, committed by the actor that embedded them (unit of resume)"})
     device: str = field(default="auto", metadata={"help": "auto (GPU when the cluster has one), cpu or cuda"})
     precision: str = field(default="auto", metadata={"help": "auto (fp16 on GPU; on CPU int8 with OpenVINO, else bf16 where native, else fp32), fp32, bf16, fp16 or int8"})
     calibration_documents: int = field(default=300, metadata={"help": "corpus documents the int8 model is calibrated on (a seeded sample)"})
     pool_size: int = field(default=0, metadata={"help": "actors (0 = from cluster resources)"})
     threads_per_actor: int = field(default=0, metadata={"help": "torch threads per CPU actor (0 = auto)"})
+
+    def validate(self) -> None:
+        from pipelines.config import require_at_least
+
+        require_at_least(self, {"batch_size": 1, "rows_per_batch": 1, "rows_per_part": 1, "calibration_documents": 1, "max_seq_length": 0, "pool_size": 0, "threads_per_actor": 0})
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"--device {self.device}: use auto, cpu or cuda")
+        if self.precision not in ("auto", "fp32", "bf16", "fp16", "int8"):
+            raise ValueError(f"--precision {self.precision}: use auto, fp32, bf16, fp16 or int8")
 
 
 @dataclass(frozen=True)
@@ -59,11 +69,13 @@ class EmbeddingPool:
     device: str
 
 
-def plan_embedding_pool(config: EmbeddingConfig, cluster_cpus: float, cluster_gpus: float) -> EmbeddingPool:
+def plan_embedding_pool(config: EmbeddingConfig, cluster_cpus: float, cluster_gpus: float, reserve_cpus: float | None = None) -> EmbeddingPool:
     """Size the actor pool from cluster resources (pure function, no Ray calls).
 
     GPUs: one actor per GPU. CPUs: actors of ``threads`` torch threads each, claiming at most the
-    CPUs minus one (or two on larger machines) so read/write tasks always have room.
+    CPUs minus ``reserve_cpus`` (default one, or two on machines over 8 CPUs) so read/write tasks
+    always have room. ``config`` is any settings object with ``device``, ``pool_size`` and
+    ``threads_per_actor`` (the reranker's too).
     """
     use_gpu = config.device in ("auto", "cuda") and cluster_gpus >= 1
     if config.device == "cuda" and cluster_gpus < 1:
@@ -73,7 +85,7 @@ def plan_embedding_pool(config: EmbeddingConfig, cluster_cpus: float, cluster_gp
         return EmbeddingPool(size=size, num_cpus=1.0, num_gpus=1.0, threads=max(1, config.threads_per_actor or 2), device="cuda")
     total = max(1.0, float(cluster_cpus))
     threads = config.threads_per_actor or int(min(total, 4))
-    reserve = 1.0 if total <= 8 else 2.0
+    reserve = reserve_cpus if reserve_cpus is not None else (1.0 if total <= 8 else 2.0)
     available = max(0.5, total - reserve)
     size = config.pool_size or max(1, int(available // threads))
     num_cpus = max(0.25, min(float(threads), available / size))
@@ -153,6 +165,8 @@ class TextEncoder:
         if threads:
             torch.set_num_threads(threads)
         self.device = choose_device(device)
+        if quantized_url and self.device.startswith("cuda"):
+            raise ValueError(f"{quantized_url}: this index's documents were embedded by this int8 CPU model; queries must be too: run the query encoder on CPU")
         self.precision = resolve_precision(config.precision, self.device, int8=bool(quantized_url))
         self.config = config
         if self.precision == "int8":
@@ -174,15 +188,17 @@ class TextEncoder:
             if self.config.normalize and len(vectors):
                 vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
             return vectors
+        vectors = np.zeros((len(texts), self.dimension), dtype=np.float32)
         with torch.inference_mode(), inference_context(self.precision, self.device):
-            vectors = self.model.encode(
-                texts,
-                batch_size=self.config.batch_size,
-                normalize_embeddings=self.config.normalize,
-                convert_to_numpy=True,
-                show_progress_bar=False,
-            )
-        return np.asarray(vectors, dtype=np.float32)
+            for rows in length_bucket_groups(self.model.tokenizer, texts, int(self.model.max_seq_length)):
+                vectors[rows] = self.model.encode(
+                    [texts[row] for row in rows],
+                    batch_size=self.config.batch_size,
+                    normalize_embeddings=self.config.normalize,
+                    convert_to_numpy=True,
+                    show_progress_bar=False,
+                )
+        return vectors
 
     @property
     def dimension(self) -> int:
@@ -192,14 +208,23 @@ class TextEncoder:
 
 
 class DocumentEmbedder:
-    """Ray Data callable class: ``(id, text_hash, content)`` batches → ``(id, text_hash, embedding)``."""
+    """Ray Data callable class: embeds a batch of ``(id, text_hash, content)`` and commits it as one store part.
 
-    def __init__(self, config: EmbeddingConfig, device: str = "auto", threads: int = 0, quantized_url: str = ""):
+    Writing in the actor, batch by batch, makes every embedded batch durable as soon as it is
+    done: a killed job loses at most the batches in flight, whatever the corpus size. (Handing the
+    vectors to a later write stage let Ray Data merge an actor's outputs into one block per input
+    block, and a corpus smaller than one read task reached storage only at the end.)
+    Returns ``(part, rows)``.
+    """
+
+    def __init__(self, config: EmbeddingConfig, store_url: str, device: str = "auto", threads: int = 0, quantized_url: str = ""):
         self.encoder = TextEncoder(config, device, threads, quantized_url)
+        self.store_url = store_url
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         vectors = self.encoder.encode(batch["content"].to_pylist())
-        return pa.table({"id": batch["id"], "text_hash": batch["text_hash"], "embedding": embeddings_to_arrow(vectors)})
+        embedded = pa.table({"id": batch["id"], "text_hash": batch["text_hash"], "embedding": embeddings_to_arrow(vectors)})
+        return storage.write_parquet_part(embedded, self.store_url)
 
 
 class EmbeddingStore:
@@ -243,20 +268,29 @@ def cluster_embedding_pool(config: EmbeddingConfig) -> EmbeddingPool:
     return plan_embedding_pool(config, resources.get("CPU", 1), resources.get("GPU", 0))
 
 
-def embed_documents(documents, store: EmbeddingStore, config: EmbeddingConfig, quantized_url: str = "") -> tuple[int, int]:
-    """Embed a Ray Dataset of ``(id, text_hash, content)`` into ``store``; returns (rows, parts written)."""
+def rows_per_embedded_part(rows: int, pool_size: int, config: EmbeddingConfig) -> int:
+    """Rows each actor call embeds and commits: ``rows_per_part``, but small enough that every actor of the pool
+    gets work on a small corpus (and never below ``rows_per_batch``)."""
+    spread = -(-rows // max(1, pool_size))
+    return max(1, min(config.rows_per_part, max(config.rows_per_batch, spread)))
+
+
+def embed_documents(documents, store: EmbeddingStore, config: EmbeddingConfig, quantized_url: str = "", rows: int = 0) -> tuple[int, int]:
+    """Embed a Ray Dataset of ``(id, text_hash, content)`` (``rows`` of them, when known) into ``store``;
+    returns (rows, parts written). Each part is committed as soon as it is embedded (unit of resume)."""
     import ray
 
     pool = cluster_embedding_pool(config)
     precision = resolve_precision(config.precision, pool.device, int8=bool(quantized_url))
-    print(f"embedding pool: {pool.size} actor(s) on {pool.device} ({precision}), {pool.num_cpus} CPU / {pool.num_gpus} GPU each, {pool.threads} threads")
-    embedded = documents.map_batches(
+    part_rows = rows_per_embedded_part(rows, pool.size, config) if rows else config.rows_per_part
+    print(f"embedding pool: {pool.size} actor(s) on {pool.device} ({precision}), {pool.num_cpus} CPU / {pool.num_gpus} GPU each, {pool.threads} threads; parts of {part_rows} rows")
+    written = documents.map_batches(
         DocumentEmbedder,
-        fn_constructor_args=(config, pool.device, pool.threads, quantized_url),
-        batch_size=config.rows_per_batch,
+        fn_constructor_args=(config, store.url, pool.device, pool.threads, quantized_url),
+        batch_size=part_rows,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=pool.size),
         num_cpus=pool.num_cpus,
         num_gpus=pool.num_gpus,
     )
-    return storage.write_parquet_parts(embedded, store.url, config.rows_per_part)
+    return storage.count_written(written, with_parts=True)

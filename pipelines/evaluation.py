@@ -39,6 +39,7 @@ import pyarrow.parquet as pq
 
 from pipelines import storage
 from pipelines.config import config_to_dict
+from pipelines.runtime import format_table
 
 STAGES = ("first_stage", "reranked", "fused")
 STAGE_SCORE_COLUMNS = {"reranked": "rerank_score", "fused": "fused_score"}
@@ -481,18 +482,6 @@ class RunEvaluator:
 # Reporting
 
 
-def _format_grid(header: list[str], rows: list[list[str]], title: str, left_columns: int) -> str:
-    """A text table: the first ``left_columns`` columns left-aligned, the rest right-aligned."""
-    widths = [max(len(row[index]) for row in [header, *rows]) for index in range(len(header))]
-
-    def render(row: list[str]) -> str:
-        cells = [cell.ljust(width) if index < left_columns else cell.rjust(width) for index, (cell, width) in enumerate(zip(row, widths))]
-        return "   ".join(cells).rstrip()
-
-    line = "-" * (sum(widths) + 3 * (len(widths) - 1))
-    return "\n".join([title, line, render(header), line, *(render(row) for row in rows), line])
-
-
 def format_metrics_table(results_by_run: dict[str, dict[str, Any]]) -> str:
     """Readable tables of :class:`RunEvaluator` results keyed by run name: one row per run and stage,
     one column per metric; then, when a sweep was run, nDCG@10, P@3 and the cost per rerank depth."""
@@ -504,7 +493,7 @@ def format_metrics_table(results_by_run: dict[str, dict[str, Any]]) -> str:
             if stage in results:
                 rows.append([name, stage, f"{queries['with_results']}/{queries['judged']}", *(f"{results[stage][metric]:.4f}" for metric in METRICS)])
     title = "metrics (mean over all judged queries; queries = judged queries with results / judged queries, the others score 0)"
-    tables = [_format_grid(header, rows, title, left_columns=2)]
+    tables = [format_table(rows, title, headers=header, left_columns=2)]
 
     sweep_rows = []
     for name, results in results_by_run.items():
@@ -516,7 +505,7 @@ def format_metrics_table(results_by_run: dict[str, dict[str, Any]]) -> str:
                     sweep_rows.append([name, stage, str(depth), f"{metrics[COST_KEY]:.1f}", *(f"{metrics[metric]:.4f}" for metric in SWEEP_METRICS)])
     if sweep_rows:
         sweep_header = ["run", "stage", "depth", "cost (pairs/query)", *SWEEP_METRICS]
-        tables.append(_format_grid(sweep_header, sweep_rows, "rerank depth sweep (only the top `depth` first-stage candidates reranked)", left_columns=2))
+        tables.append(format_table(sweep_rows, "rerank depth sweep (only the top `depth` first-stage candidates reranked)", headers=sweep_header, left_columns=2))
     return "\n\n".join(tables)
 
 
@@ -544,6 +533,11 @@ class EvaluateConfig:
         invalid = [depth for depth in self.depths if depth < 1]
         if invalid:
             raise ValueError(f"--depths must be at least 1: {invalid}")
+        from pipelines import storage
+
+        storage.require_input(self.qrels, "qrels")
+        for url in self.run:
+            storage.require_input(url, "run")
 
 
 def evaluate(config: EvaluateConfig) -> dict[str, Any]:

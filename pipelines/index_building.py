@@ -16,11 +16,14 @@ import math
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+
+if TYPE_CHECKING:
+    import faiss
 
 from pipelines import index_store, storage
 from pipelines.embedding import read_vectors
@@ -45,6 +48,15 @@ class IndexConfig:
                           "fits and errors if none does. Exact re-scoring of a compressed index also loads 4 B x dimension per vector, not counted"},
     )
     seed: int = 1234
+
+    def validate(self) -> None:
+        from pipelines.config import require_at_least
+
+        require_at_least(self, {"shards": 0, "nprobe": 0, "training_sample": 0})
+        try:
+            parse_bytes(self.memory_budget)
+        except ValueError as error:
+            raise ValueError(f"--memory-budget {self.memory_budget}: {error}") from None
 
 
 @dataclass(frozen=True)
@@ -125,11 +137,11 @@ def estimate_index_bytes(factory: str, count: int, dimension: int, shards: int =
     list. Within 0.2% of the serialized sizes bench.index measured at 1M vectors (Flat 1,544 B/vector;
     IVF4096,PQ48 63; IVF4096,PQ192x4fs 116). Flat shards also keep an id map in RAM (tens of bytes per vector).
     """
+    import faiss
+
     index = make_empty_index(factory, dimension)
-    try:
-        ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
-    except (RuntimeError, AttributeError):
-        ivf = None
+    found = faiss.try_extract_index_ivf(index)
+    ivf = faiss.downcast_index(found) if found is not None else None
     if ivf is None:
         inner = faiss.downcast_index(index.index) if isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2)) else faiss.downcast_index(index)
         code_size = getattr(inner, "code_size", None)
@@ -204,37 +216,49 @@ def _auto_factory(count: int, dimension: int, shards: int, budget: int) -> str:
 
 def ivf_list_count(factory: str, dimension: int) -> int:
     """nlist of a factory string's IVF part (0 for non-IVF indexes)."""
-    index = make_empty_index(factory, dimension)
-    try:
-        return int(faiss.extract_index_ivf(index).nlist)
-    except (RuntimeError, AttributeError):
-        return 0
+    import faiss
+
+    found = faiss.try_extract_index_ivf(make_empty_index(factory, dimension))
+    return int(found.nlist) if found is not None else 0
 
 
 def make_empty_index(factory: str, dimension: int) -> faiss.Index:
     """An untrained index for inner-product search (vectors are normalized: inner product = cosine)."""
+    import faiss
+
     index = faiss.index_factory(dimension, factory, faiss.METRIC_INNER_PRODUCT)
-    try:
-        faiss.extract_index_ivf(index)
-        return index
-    except (RuntimeError, AttributeError):
-        return faiss.IndexIDMap2(index)
+    return index if faiss.try_extract_index_ivf(index) is not None else faiss.IndexIDMap2(index)
+
+
+def seed_clustering(index: faiss.Index, seed: int) -> None:
+    """Seed every k-means an IVF index runs in training (coarse quantizer, PQ codebooks), so rebuilds are reproducible.
+
+    Checked explicitly, not with a blanket ``except``: if a faiss release moves these parameters,
+    the build fails here rather than training unseeded and silently producing different indexes.
+    """
+    import faiss
+
+    found = faiss.try_extract_index_ivf(index)
+    if found is None:
+        return  # flat and other untrained indexes run no clustering
+    ivf = faiss.downcast_index(found)  # the IndexIVFPQ, not its IndexIVF base
+    if not hasattr(ivf, "cp") or not hasattr(ivf.cp, "seed"):
+        raise RuntimeError(f"{type(ivf).__name__}: faiss no longer exposes the clustering seed (cp.seed); index training would not be reproducible")
+    ivf.cp.seed = seed
+    if hasattr(ivf, "pq"):
+        if not hasattr(ivf.pq, "cp") or not hasattr(ivf.pq.cp, "seed"):
+            raise RuntimeError(f"{type(ivf).__name__}: faiss no longer exposes the PQ clustering seed (pq.cp.seed); index training would not be reproducible")
+        ivf.pq.cp.seed = seed
+    if hasattr(ivf, "do_polysemous_training"):
+        # The factory turns it on for IVF-PQ, but search never uses polysemous codes; it only
+        # reorders the PQ centroids and is most of the training time (10 s of 11 s for IVF128,PQ8).
+        ivf.do_polysemous_training = False
 
 
 def train_index(factory: str, vectors: np.ndarray, seed: int) -> bytes:
     """Train an empty index on a sample; returns it serialized."""
     index = make_empty_index(factory, vectors.shape[1])
-    try:
-        ivf = faiss.downcast_index(faiss.extract_index_ivf(index))  # the IndexIVFPQ, not its IndexIVF base
-        ivf.cp.seed = seed
-        if hasattr(ivf, "pq"):
-            ivf.pq.cp.seed = seed
-        if hasattr(ivf, "do_polysemous_training"):
-            # The factory turns it on for IVF-PQ, but search never uses polysemous codes; it only
-            # reorders the PQ centroids and is most of the training time (10 s of 11 s for IVF128,PQ8).
-            ivf.do_polysemous_training = False
-    except (RuntimeError, AttributeError):
-        pass
+    seed_clustering(index, seed)
     if not index.is_trained:
         index.train(np.ascontiguousarray(vectors, dtype=np.float32))
     return index_store.serialize_index(index)

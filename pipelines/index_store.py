@@ -22,15 +22,18 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import faiss
 import numpy as np
 import pyarrow as pa
+
+if TYPE_CHECKING:
+    import faiss
 
 from pipelines import storage
 
 MANIFEST_FORMAT = 1
+DOC_IDS_FILE = "doc_ids.parquet"
 REQUIRED_MANIFEST_KEYS = ("format", "version_id", "created_at", "model", "index", "shards", "doc_ids", "counts", "corpus", "embeddings")
 
 
@@ -38,12 +41,51 @@ class IndexValidationError(ValueError):
     """An index version is missing, unfinished, or does not match its manifest."""
 
 
+MODELS_FOLDER = "models"
+
+
+def plain_name(value: object, what: str, source: str) -> str:
+    """``value`` if it names a file or folder directly inside a known folder, else IndexValidationError.
+
+    Version ids, CURRENT's contents and the manifest's file entries come from storage that anyone
+    with write access can change; a '/', '..' or a scheme would point reads outside the index.
+    """
+    if not isinstance(value, str) or not value.strip() or "/" in value or "\\" in value or ".." in value or ":" in value or value != value.strip():
+        raise IndexValidationError(f"{source}: {what} {value!r} is not a plain name inside the index (no '/', '..' or scheme)")
+    return value
+
+
+def check_manifest_paths(manifest: dict[str, Any], source: str) -> None:
+    """Every file the manifest names must be a plain name inside its version (or the root's models folder)."""
+    for number, entry in enumerate(manifest["shards"]):
+        plain_name(entry.get("file"), f"shards[{number}].file", source)
+        if "vectors_file" in entry:
+            plain_name(entry["vectors_file"], f"shards[{number}].vectors_file", source)
+    if "file" in manifest["doc_ids"]:
+        plain_name(manifest["doc_ids"]["file"], "doc_ids.file", source)
+    quantized = manifest["model"].get("quantized_model")
+    if quantized:
+        folder, _, name = str(quantized).partition("/")
+        if folder != MODELS_FOLDER:
+            raise IndexValidationError(f"{source}: model.quantized_model {quantized!r} is not a folder under the index's {MODELS_FOLDER}/")
+        plain_name(name, "model.quantized_model", source)
+
+
+def quantized_model_url(root: str, manifest: dict[str, Any]) -> str:
+    """The int8 bi-encoder a version's documents were embedded with ("" for a float index)."""
+    quantized = manifest["model"].get("quantized_model")
+    if not quantized:
+        return ""
+    check_manifest_paths(manifest, storage.join_url(version_url(root, manifest["version_id"]), "manifest.json"))
+    return storage.join_url(root, quantized)
+
+
 def versions_url(root: str) -> str:
     return storage.join_url(root, "versions")
 
 
 def version_url(root: str, version_id: str) -> str:
-    return storage.join_url(root, "versions", version_id)
+    return storage.join_url(root, "versions", plain_name(version_id, "version id", root))
 
 
 def shard_name(shard: int) -> str:
@@ -51,10 +93,14 @@ def shard_name(shard: int) -> str:
 
 
 def serialize_index(index: faiss.Index) -> bytes:
+    import faiss
+
     return faiss.serialize_index(index).tobytes()
 
 
 def deserialize_index(data: bytes) -> faiss.Index:
+    import faiss
+
     return faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
 
 
@@ -79,7 +125,11 @@ def current_version_id(root: str) -> str:
     pointer = storage.join_url(root, "CURRENT")
     if not storage.exists(pointer):
         raise IndexValidationError(f"{root}: no index here (no CURRENT pointer); build one with jobs.build_index")
-    return storage.read_bytes(pointer).decode().strip()
+    try:
+        content = storage.read_bytes(pointer).decode("utf-8").strip()
+    except UnicodeDecodeError as error:
+        raise IndexValidationError(f"{pointer}: not a version id ({error})") from None
+    return plain_name(content, "CURRENT's version id", pointer)
 
 
 def list_versions(root: str) -> list[dict[str, Any]]:
@@ -95,21 +145,68 @@ def list_versions(root: str) -> list[dict[str, Any]]:
     return sorted(manifests, key=lambda manifest: manifest["created_at"])
 
 
+@dataclass
+class Manifest:
+    """What a finished version holds: written last, so a version without ``manifest.json`` is unfinished.
+
+    Readers get it as a plain dict (:func:`read_manifest`), validated by :meth:`check`.
+    """
+
+    version_id: str
+    created_at: str
+    code_version: dict[str, Any]
+    model: dict[str, Any]
+    documents: dict[str, Any]
+    index: dict[str, Any]
+    shards: list[dict[str, Any]]
+    counts: dict[str, Any]
+    corpus: dict[str, Any]
+    embeddings: dict[str, Any]
+    quarantine: dict[str, Any]
+    doc_ids: dict[str, Any] = field(default_factory=dict)
+    format: int = MANIFEST_FORMAT
+
+    def to_dict(self) -> dict[str, Any]:
+        import dataclasses
+
+        values = dataclasses.asdict(self)
+        return {"format": values.pop("format"), "version_id": values.pop("version_id"), **values}
+
+    @staticmethod
+    def check(manifest: dict[str, Any], version_id: str, source: str) -> dict[str, Any]:
+        """``manifest`` if it has every required key, the supported format, the expected id and confined paths."""
+        missing = [key for key in REQUIRED_MANIFEST_KEYS if key not in manifest]
+        if missing:
+            raise IndexValidationError(f"{source}: missing keys {missing}")
+        if manifest["format"] != MANIFEST_FORMAT:
+            raise IndexValidationError(f"{source}: format {manifest['format']} is not the supported {MANIFEST_FORMAT}")
+        if manifest["version_id"] != version_id:
+            raise IndexValidationError(f"{source}: names version {manifest['version_id']}, expected {version_id}")
+        check_manifest_paths(manifest, source)
+        return manifest
+
+    def write_version(self, root: str, doc_ids: pa.Table, summary: dict[str, Any], publish_now: bool) -> None:
+        """Finish the version: doc ids, then the summary, then this manifest (last), then move CURRENT when asked.
+
+        Shards and quarantine are already in the version folder; each write is atomic, and the
+        manifest's existence is what makes the version finished.
+        """
+        folder = version_url(root, self.version_id)
+        sha = storage.write_parquet_atomically(storage.join_url(folder, DOC_IDS_FILE), doc_ids.select(["position", "id", "text_hash"]))
+        self.doc_ids = {"file": DOC_IDS_FILE, "sha256": sha, "count": doc_ids.num_rows}
+        storage.write_json_atomically(storage.join_url(folder, "summary.json"), summary)
+        storage.write_json_atomically(storage.join_url(folder, "manifest.json"), self.to_dict())
+        if publish_now:
+            publish(root, self.version_id)
+
+
 def read_manifest(root: str, version_id: str | None = None) -> dict[str, Any]:
-    """The manifest of a version (CURRENT by default), with its required keys checked."""
+    """The manifest of a version (CURRENT by default), checked (:meth:`Manifest.check`)."""
     version_id = version_id or current_version_id(root)
     manifest_url = storage.join_url(version_url(root, version_id), "manifest.json")
     if not storage.exists(manifest_url):
         raise IndexValidationError(f"{manifest_url}: missing; version {version_id} is unfinished or does not exist")
-    manifest = storage.read_json(manifest_url)
-    missing = [key for key in REQUIRED_MANIFEST_KEYS if key not in manifest]
-    if missing:
-        raise IndexValidationError(f"{manifest_url}: missing keys {missing}")
-    if manifest["format"] != MANIFEST_FORMAT:
-        raise IndexValidationError(f"{manifest_url}: format {manifest['format']} is not the supported {MANIFEST_FORMAT}")
-    if manifest["version_id"] != version_id:
-        raise IndexValidationError(f"{manifest_url}: names version {manifest['version_id']}, expected {version_id}")
-    return manifest
+    return Manifest.check(storage.read_json(manifest_url), version_id, manifest_url)
 
 
 def read_checked(url: str, expected_sha256: str) -> bytes:
@@ -153,6 +250,8 @@ class LoadedIndex:
 
 def load_shard(root: str, manifest: dict[str, Any], shard: int, with_vectors: bool = False) -> IndexShard:
     """Load and validate one shard against the manifest (checksum, dimension, count)."""
+    import faiss
+
     entry = manifest["shards"][shard]
     folder = version_url(root, manifest["version_id"])
     url = storage.join_url(folder, entry["file"])

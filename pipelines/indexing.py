@@ -26,13 +26,7 @@ import pyarrow.parquet as pq
 import pipelines
 from pipelines import index_store, storage
 from pipelines.config import config_to_dict
-from pipelines.documents import (
-    CorpusConfig,
-    CorpusError,
-    find_duplicate_ids,
-    quarantined_rows,
-    read_corpus,
-)
+from pipelines.documents import CorpusConfig, ValidatedCorpus, validate_corpus
 from pipelines.embedding import (
     EmbeddingConfig,
     EmbeddingStore,
@@ -49,11 +43,13 @@ from pipelines.index_building import (
     sample_positions,
     version_fingerprint,
 )
-from pipelines.models import resolve_precision
+from pipelines.models import check_model_reference, resolve_precision
 from pipelines.quantization import int8_available
 from pipelines.runtime import (
+    collect,
     ensure_ray,
     format_table,
+    public_url,
     resolve_broadcast,
     worker_visible,
 )
@@ -75,21 +71,7 @@ class BuildIndexConfig:
             raise ValueError("--corpus is required")
         if not self.index:
             raise ValueError("--index is required")
-
-
-def _valid_keys(batch: pa.Table) -> pa.Table:
-    valid = batch.filter(pc.is_null(batch["reason"]))
-    return valid.select(["id", "text_hash", "order_key", "source_file", "source_row"])
-
-
-def _quarantined_rows(batch: pa.Table, duplicates: pa.Table, corpus_url: str, public_corpus: str) -> pa.Table:
-    rows = quarantined_rows(batch, duplicates)
-    if corpus_url == public_corpus:
-        return rows
-    for column in ("source_file", "reason"):  # a duplicate's reason names the file of the kept copy
-        names = [_public_url(value, corpus_url, public_corpus) for value in rows[column].to_pylist()]
-        rows = rows.set_column(rows.schema.get_field_index(column), column, pa.array(names, pa.string()))
-    return rows
+        storage.require_input(self.corpus, "corpus")
 
 
 def _rows_to_embed(batch: pa.Table, order_keys: pa.Array, columns: tuple[str, ...] = ("id", "text_hash", "content")) -> pa.Table:
@@ -106,14 +88,6 @@ def calibration_texts(validated, documents: pa.Table, count: int, seed: int) -> 
     return rows.sort_by("order_key")["content"].to_pylist() if rows is not None else []
 
 
-def collect(dataset) -> pa.Table:
-    """A (small) Ray Dataset's rows on the driver as one table."""
-    import ray
-
-    tables = [table for table in ray.get(dataset.to_arrow_refs()) if table.num_rows]
-    return pa.concat_tables(tables) if tables else None
-
-
 def git_commit() -> str:
     import subprocess
     from pathlib import Path
@@ -128,149 +102,124 @@ def git_commit() -> str:
 
 def build_index(config: BuildIndexConfig) -> dict[str, Any]:
     """Run the whole indexing job; returns the summary (also written as summary.json)."""
+    check_model_reference(config.embedding.model, "--embedding.model")
     with worker_visible(config.corpus) as corpus_url, worker_visible(config.index, copy_back=True) as index_url:
         summary = _build_index(config, corpus_url, index_url)
     summary["index"] = config.index
     return summary
 
 
-def _build_index(config: BuildIndexConfig, corpus_url: str, index_url: str) -> dict[str, Any]:
+@dataclass
+class EmbeddingRun:
+    """What the embedding stage did: the store holding every document's vector, and the work it took."""
+
+    store: EmbeddingStore
+    quantized: dict | None
+    embedded: int
+    reused: int
+    seconds: float
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "embedded": self.embedded,
+            "reused_embeddings": self.reused,
+            "embedding_seconds": round(self.seconds, 2),
+            "docs_per_second": round(self.embedded / self.seconds, 1) if self.embedded else 0.0,
+        }
+
+
+def embed_missing(corpus: ValidatedCorpus, documents: pa.Table, config: BuildIndexConfig, index_url: str) -> EmbeddingRun:
+    """Embed the documents whose (id, text_hash) the store lacks; on CPU with OpenVINO, with the index root's int8 model."""
     import ray
 
-    started = time.perf_counter()
-    ensure_ray()
-
-    # 1. Read and validate.
-    try:
-        validated, files = read_corpus(corpus_url, config.documents)
-    except CorpusError as error:  # name the user's file, not the temporary mirror of a memory:// corpus
-        public = _public_url(str(error), corpus_url, config.corpus)
-        if public == str(error):
-            raise
-        raise CorpusError(public) from error
-    validated = validated.materialize()
-    rows_read = validated.count()
-    keys = collect(validated.map_batches(_valid_keys, batch_format="pyarrow"))
-    if keys is None or keys.num_rows == 0:
-        raise ValueError(f"{config.corpus}: no valid documents among {rows_read} rows")
-    duplicates = find_duplicate_ids(keys)
-    documents = keys.filter(pc.invert(pc.is_in(keys["order_key"], value_set=duplicates["order_key"]))).sort_by("order_key")
-    documents = documents.append_column("position", pa.array(np.arange(documents.num_rows, dtype=np.int64)))
-    read_seconds = time.perf_counter() - started
-    print(f"read {rows_read} rows from {len(files)} file(s): {documents.num_rows} valid, {rows_read - documents.num_rows} to quarantine")
-
-    # 2. Embed what the store does not hold yet; on CPU with OpenVINO, with the index root's int8 model.
     quantized = None
     pool = cluster_embedding_pool(config.embedding)
     if resolve_precision(config.embedding.precision, pool.device, int8=int8_available()) == "int8":
         quantized = prepare_quantized_encoder(
-            config.embedding, index_url, lambda: calibration_texts(validated, documents, config.embedding.calibration_documents, config.faiss.seed)
+            config.embedding, index_url, lambda: calibration_texts(corpus.rows, documents, config.embedding.calibration_documents, config.faiss.seed)
         )
     store = EmbeddingStore(index_url, config.embedding, quantized)
-    stored = store.keys()
-    stored_keys = stored.select(["id", "text_hash"]).group_by(["id", "text_hash"]).aggregate([])
+    stored_keys = store.keys().select(["id", "text_hash"]).group_by(["id", "text_hash"]).aggregate([])
     missing = documents.join(stored_keys, ["id", "text_hash"], join_type="left anti", use_threads=False)
-    embed_started = time.perf_counter()
-    embedded_rows = 0
+    started = time.perf_counter()
+    embedded = 0
     if missing.num_rows:
-        to_embed = validated.map_batches(_rows_to_embed, fn_args=(ray.put(missing["order_key"].combine_chunks()),), batch_format="pyarrow")
-        embedded_rows, _ = embed_documents(to_embed, store, config.embedding, quantized["url"] if quantized else "")
-    embed_seconds = time.perf_counter() - embed_started
-    print(f"embedded {embedded_rows} documents, reused {documents.num_rows - missing.num_rows} stored vectors")
+        to_embed = corpus.rows.map_batches(_rows_to_embed, fn_args=(ray.put(missing["order_key"].combine_chunks()),), batch_format="pyarrow")
+        embedded, _ = embed_documents(to_embed, store, config.embedding, quantized["url"] if quantized else "", rows=missing.num_rows)
+    run = EmbeddingRun(store, quantized, embedded, documents.num_rows - missing.num_rows, time.perf_counter() - started)
+    print(f"embedded {run.embedded} documents, reused {run.reused} stored vectors")
+    return run
 
-    # 3. Index parameters and version.
-    located = locate_vectors(documents.select(["position", "id", "text_hash"]), store.keys())
+
+def _build_index(config: BuildIndexConfig, corpus_url: str, index_url: str) -> dict[str, Any]:
+    started = time.perf_counter()
+    ensure_ray()
+
+    # 1. Read and validate (documents).
+    corpus = validate_corpus(corpus_url, config.documents, public_url=config.corpus)
+    documents = corpus.keys.append_column("position", pa.array(np.arange(corpus.keys.num_rows, dtype=np.int64)))
+    read_seconds = time.perf_counter() - started
+    print(f"read {corpus.rows_read} rows from {len(corpus.files)} file(s): {documents.num_rows} valid, {corpus.quarantined} to quarantine")
+
+    # 2. Embed what the store does not hold yet (embedding).
+    embedding = embed_missing(corpus, documents, config, index_url)
+
+    # 3. Index parameters, and the version they and the documents name (index_building).
+    located = locate_vectors(documents.select(["position", "id", "text_hash"]), embedding.store.keys())
     dimension = _stored_dimension(located["part"][0].as_py())
     plan = choose_index_parameters(documents.num_rows, dimension, config.faiss)
-    model_settings = {"model": config.embedding.model, "normalize": config.embedding.normalize, "max_seq_length": config.embedding.max_seq_length, "key": model_key(config.embedding, quantized)}
-    if quantized:  # queries must be embedded by the same int8 model (relative: the root may be mirrored or moved)
-        model_settings["quantized_model"] = quantized["path"]
+    model_settings = {"model": config.embedding.model, "normalize": config.embedding.normalize, "max_seq_length": config.embedding.max_seq_length, "key": model_key(config.embedding, embedding.quantized)}
+    if embedding.quantized:  # queries must be embedded by the same int8 model (relative: the root may be mirrored or moved)
+        model_settings["quantized_model"] = embedding.quantized["path"]
     version_id = version_fingerprint(documents, plan, model_settings)
     folder = index_store.version_url(index_url, version_id)
-    manifest_url = storage.join_url(folder, "manifest.json")
-    if storage.exists(manifest_url):
+    if storage.exists(storage.join_url(folder, "manifest.json")):
         print(f"version {version_id} is already complete; nothing to rebuild")
         if config.publish:
             index_store.publish(index_url, version_id)
-        built = storage.read_json(storage.join_url(folder, "summary.json"))
         # summary.json describes the run that built the version; the rerun reports its own work.
-        return {
-            **built,
-            "embedded": embedded_rows,
-            "reused_embeddings": documents.num_rows - missing.num_rows,
-            "embedding_seconds": round(embed_seconds, 2),
-            "docs_per_second": round(embedded_rows / embed_seconds, 1) if embedded_rows else 0.0,
-            "read_seconds": round(read_seconds, 2),
-            "index_seconds": 0.0,
-            "wall_seconds": round(time.perf_counter() - started, 2),
-        }
+        built = storage.read_json(storage.join_url(folder, "summary.json"))
+        return {**built, **embedding.summary(), "read_seconds": round(read_seconds, 2), "index_seconds": 0.0, "wall_seconds": round(time.perf_counter() - started, 2)}
     print(f"building version {version_id}: {plan.factory}, {plan.shards} shard(s), nprobe {plan.nprobe}")
 
-    # 4. Quarantine (rewritten whole on a rerun), shards, ids, summary, manifest, pointer.
+    # 4. Quarantine (rewritten whole on a rerun) and shards (finished ones reused).
     quarantine_url = storage.join_url(folder, "quarantine")
-    storage.remove_tree(quarantine_url)
-    quarantined, _ = storage.write_parquet_parts(
-        validated.map_batches(_quarantined_rows, fn_args=(ray.put(duplicates), corpus_url, config.corpus), batch_format="pyarrow"),
-        quarantine_url,
-        100_000,
-    )
+    quarantined = corpus.write_quarantine(quarantine_url)
     index_started = time.perf_counter()
     shards = build_shards(located, plan, dimension, folder)
     index_seconds = time.perf_counter() - index_started
-    doc_ids_sha = storage.write_parquet_atomically(storage.join_url(folder, "doc_ids.parquet"), documents.select(["position", "id", "text_hash"]))
-    wall = time.perf_counter() - started
+
+    # 5. Doc ids, summary, manifest (last), CURRENT (index_store).
     summary = {
         "version_id": version_id,
-        "documents_read": rows_read,
+        "documents_read": corpus.rows_read,
         "quarantined": quarantined,
-        "duplicate_ids": duplicates.num_rows,
+        "duplicate_ids": corpus.duplicates.num_rows,
         "indexed": documents.num_rows,
-        "embedded": embedded_rows,
-        "reused_embeddings": documents.num_rows - missing.num_rows,
-        "embedding_seconds": round(embed_seconds, 2),
-        "docs_per_second": round(embedded_rows / embed_seconds, 1) if embedded_rows else 0.0,
+        **embedding.summary(),
         "read_seconds": round(read_seconds, 2),
         "index_seconds": round(index_seconds, 2),
         "factory": plan.factory,
         "shards": len(shards),
         "index_bytes": sum(shard["bytes"] for shard in shards),
         "vector_bytes": sum(shard["vectors_bytes"] for shard in shards),
-        "wall_seconds": round(wall, 2),
+        "wall_seconds": round(time.perf_counter() - started, 2),
     }
-    storage.write_json_atomically(storage.join_url(folder, "summary.json"), summary)
-    manifest = {
-        "format": index_store.MANIFEST_FORMAT,
-        "version_id": version_id,
-        "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-        "code_version": {"package": pipelines.__version__, "git_commit": git_commit()},
-        "model": {**model_settings, "dimension": dimension, "metric": "inner_product"},
-        "documents": config_to_dict(config.documents),
-        "index": {"factory": plan.factory, "nprobe": plan.nprobe, "training_sample": plan.training_sample, "seed": plan.seed, "trained_file": "trained.faiss"},
-        "shards": shards,
-        "doc_ids": {"file": "doc_ids.parquet", "sha256": doc_ids_sha, "count": documents.num_rows},
-        "counts": {"documents_read": rows_read, "quarantined": quarantined, "indexed": documents.num_rows},
-        "corpus": {"url": config.corpus, "files": [_public_url(f, corpus_url, config.corpus) for f in files]},
-        "embeddings": {"url": _public_url(store.url, index_url, config.index)},
-        "quarantine": {"url": _public_url(quarantine_url, index_url, config.index), "count": quarantined},
-    }
-    storage.write_json_atomically(manifest_url, manifest)
-    if config.publish:
-        index_store.publish(index_url, version_id)
+    manifest = index_store.Manifest(
+        version_id=version_id,
+        created_at=datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        code_version={"package": pipelines.__version__, "git_commit": git_commit()},
+        model={**model_settings, "dimension": dimension, "metric": "inner_product"},
+        documents=config_to_dict(config.documents),
+        index={"factory": plan.factory, "nprobe": plan.nprobe, "training_sample": plan.training_sample, "seed": plan.seed, "trained_file": "trained.faiss"},
+        shards=shards,
+        counts={"documents_read": corpus.rows_read, "quarantined": quarantined, "indexed": documents.num_rows},
+        corpus={"url": config.corpus, "files": corpus.files},
+        embeddings={"url": public_url(embedding.store.url, index_url, config.index)},
+        quarantine={"url": public_url(quarantine_url, index_url, config.index), "count": quarantined},
+    )
+    manifest.write_version(index_url, documents, summary, publish_now=config.publish)
     return summary
-
-
-def _public_url(text: str, effective_root: str, public_root: str) -> str:
-    """Name files under the root the user gave, not under the temporary mirror of process-local storage.
-
-    ``text`` is a URL or a message naming URLs; the mirror (a uniquely named local folder) may be
-    spelt as a path or as a ``file://`` URL, as listings return it.
-    """
-    if effective_root == public_root:
-        return text
-    filesystem, path = storage.filesystem_and_path(effective_root)
-    for mirror in (storage.to_url(filesystem, path.rstrip("/")), effective_root.rstrip("/")):
-        text = text.replace(mirror, public_root.rstrip("/"))
-    return text
 
 
 def _stored_dimension(part_url: str) -> int:

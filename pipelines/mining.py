@@ -46,6 +46,13 @@ class MiningConfig:
     skipped_top_ranks: int = field(default=10, metadata={"help": "top ranks never used as negatives for a query with dense judgments"})
     relative_margin: float = field(default=0.05, metadata={"help": "dense judgments: skip negatives scoring above (1 - margin) x the query's best judged document's score"})
 
+    def validate(self) -> None:
+        from pipelines.config import require_at_least
+
+        require_at_least(self, {"candidate_depth": 1, "pool_size": 1, "hard_negatives": 0, "random_negatives": 0, "dense_judgments": 1, "skipped_top_ranks": 0, "relative_margin": 0.0})
+        if self.hard_negatives + self.random_negatives < 1:
+            raise ValueError("--hard-negatives plus --random-negatives must be at least 1")
+
 
 @dataclass(frozen=True)
 class QueryCandidates:

@@ -8,8 +8,9 @@ network. Anything else is handed to sentence-transformers as it is (a local fold
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
-import torch
+import numpy as np
 
 BUNDLED_MODEL = "bundled"
 BUNDLED_MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
@@ -27,8 +28,38 @@ def resolve_model_reference(reference: str) -> str:
     return reference
 
 
+class ModelNotFoundError(FileNotFoundError):
+    """A model setting names a local path that does not exist, or a hub model that cannot be had offline."""
+
+
+def looks_like_path(reference: str) -> bool:
+    """True for references that can only be local paths (a hub id is ``name`` or ``owner/name``)."""
+    return reference.startswith(("/", "./", "../", "~", "file:")) or reference.count("/") > 1 or os.sep != "/" and os.sep in reference
+
+
+def check_model_reference(reference: str, setting: str) -> None:
+    """Fail with one line, before any work starts, when ``reference`` cannot be loaded.
+
+    A local path must exist. A hub id must be in the local Hugging Face cache when the hub is
+    offline (``HF_HUB_OFFLINE=1``); online it is left to the download.
+    """
+    if reference in (BUNDLED_MODEL, BUNDLED_MODEL_NAME, "all-MiniLM-L6-v2"):
+        return
+    if os.path.exists(os.path.expanduser(reference)):
+        return
+    if looks_like_path(reference):
+        raise ModelNotFoundError(f"{setting}: model path {reference} does not exist")
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(reference, "config.json"), str):
+            raise ModelNotFoundError(f"{setting}: {reference} is neither a local path nor a model in the Hugging Face cache (HF_HUB_OFFLINE is set)")
+
+
 def choose_device(requested: str = "auto") -> str:
     """``cuda`` when a GPU is visible to this process (and ``auto`` was asked), else what was asked."""
+    import torch
+
     if requested != "auto":
         return requested
     return "cuda" if torch.cuda.is_available() else "cpu"
@@ -47,6 +78,8 @@ def load_sentence_transformer(reference: str, device: str = "auto", max_seq_leng
 def inference_context(precision: str, device: str):
     """The autocast context for a precision: bf16 autocast on CPU or GPU, nothing for fp32/fp16 weights."""
     import contextlib
+
+    import torch
 
     if precision == "bf16":
         return torch.autocast("cuda" if device.startswith("cuda") else "cpu", dtype=torch.bfloat16)
@@ -81,3 +114,18 @@ def resolve_precision(precision: str, device: str, int8: bool = False) -> str:
     if precision == "int8" and device.startswith("cuda"):
         raise ValueError("precision int8 is the CPU path (OpenVINO); use fp16 or bf16 on a GPU")
     return precision
+
+
+def length_bucket_groups(tokenizer, items: Sequence, max_length: int) -> list[np.ndarray]:
+    """Row indices of ``items`` grouped by length bucket (:mod:`pipelines.token_batches`), longest first.
+
+    The torch paths run ``encode``/``predict`` once per group, so a batch is padded within its
+    texts' own bucket and a text's result does not depend on texts of other lengths beside it.
+    """
+    from pipelines.token_batches import padded_length, tokenize_unpadded
+
+    if not len(items):
+        return []
+    lengths = [len(ids) for ids in tokenize_unpadded(tokenizer, items, max_length)["input_ids"]]
+    buckets = np.asarray([padded_length(n, max(max_length, n)) for n in lengths])
+    return [np.nonzero(buckets == bucket)[0] for bucket in sorted(set(buckets.tolist()), reverse=True)]

@@ -14,8 +14,8 @@ install beside transformers 5, so this module does the same steps with ``openvin
 3. save ``openvino_model.xml``/``.bin`` and the tokenizer into a folder (any fsspec URL), with
    ``quantization.json`` written last: a folder without it is unfinished and is redone.
 
-Inference tokenizes with the model's own fast tokenizer and batches like ``encode``/``predict``
-(length-sorted, padded per batch), so only the matrix arithmetic changes.
+Inference tokenizes with the model's own fast tokenizer and batches by length bucket
+(:mod:`pipelines.token_batches`), so that a text's result does not depend on its batch neighbours.
 """
 
 from __future__ import annotations
@@ -210,18 +210,18 @@ class QuantizedModel:
         self.batch_size = batch_size
         self.max_length = max_length or int(self.settings["max_length"])
 
-    def _run(self, items: Sequence, lengths: list[int]) -> np.ndarray:
-        """Model outputs for ``items`` in their order, computed in batches of similar length (longest first)."""
-        order = np.argsort([-length for length in lengths], kind="stable")
-        outputs: np.ndarray | None = None
-        for start in range(0, len(items), self.batch_size):
-            rows = order[start : start + self.batch_size]
-            features = tokenize(self.tokenizer, [items[row] for row in rows], self.max_length, self.input_names)
-            result = np.asarray(self.compiled(features)[0], dtype=np.float32).reshape(len(rows), -1)
-            if outputs is None:
-                outputs = np.zeros((len(items), result.shape[1]), dtype=np.float32)
-            outputs[rows] = result
-        return outputs if outputs is not None else np.zeros((0, int(self.settings["dimension"])), dtype=np.float32)
+    def _run(self, items: Sequence) -> np.ndarray:
+        """Model outputs for ``items`` in their order, each independent of its batch neighbours
+        (see :mod:`pipelines.token_batches`)."""
+        from pipelines.token_batches import bucketed_batches, tokenize_unpadded
+
+        outputs = np.zeros((len(items), int(self.settings["dimension"])), dtype=np.float32)
+        if not len(items):
+            return outputs
+        encodings = tokenize_unpadded(self.tokenizer, items, self.max_length)
+        for rows, features in bucketed_batches(encodings, self.batch_size, self.max_length, self.tokenizer.pad_token_id, self.input_names):
+            outputs[rows] = np.asarray(self.compiled(features)[0], dtype=np.float32).reshape(len(rows), -1)
+        return outputs
 
 
 class QuantizedTextEncoder(QuantizedModel):
@@ -230,7 +230,7 @@ class QuantizedTextEncoder(QuantizedModel):
     kind = "bi-encoder"
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
-        return self._run(list(texts), [len(text) for text in texts])
+        return self._run(list(texts))
 
     @property
     def dimension(self) -> int:
@@ -243,4 +243,4 @@ class QuantizedPairScorer(QuantizedModel):
     kind = "cross-encoder"
 
     def score(self, pairs: Sequence[tuple[str, str]]) -> np.ndarray:
-        return self._run(list(pairs), [len(query) + len(document) for query, document in pairs])[:, 0].copy()
+        return self._run(list(pairs))[:, 0].copy()

@@ -20,8 +20,10 @@ import numpy as np
 import pyarrow as pa
 
 from pipelines.models import (
+    check_model_reference,
     choose_device,
     inference_context,
+    length_bucket_groups,
     resolve_model_reference,
     resolve_precision,
 )
@@ -59,6 +61,14 @@ class RerankConfig:
     pool_size: int = field(default=0, metadata={"help": "actors (0 = from cluster resources)"})
     threads_per_actor: int = 0
 
+    def validate(self) -> None:
+        from pipelines.config import require_at_least
+
+        require_at_least(self, {"depth": 1, "batch_size": 1, "max_length": 0, "pool_size": 0, "threads_per_actor": 0})
+        for name, allowed in (("fusion", ("auto", "off")), ("foreign_corpus", ("first_stage", "fuse")), ("device", ("auto", "cpu", "cuda")), ("precision", ("auto", "fp32", "bf16", "fp16", "int8"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: use {', '.join(allowed)}")
+
     @property
     def enabled(self) -> bool:
         return self.model.lower() not in ("", "none", "off")
@@ -67,10 +77,12 @@ class RerankConfig:
 def read_serving_card(model: str) -> dict | None:
     """What jobs.train_reranker stored with the model (``fusion.json``): fusion weight, serving mode
     (``fused`` or ``first_stage``), what the weight was fitted on and which corpus the model was trained on; or None."""
+    check_model_reference(model, "rerank.model")
     path = os.path.join(resolve_model_reference(model), FUSION_FILE)
     if not os.path.exists(path):
         return None
-    card = json.loads(open(path).read())
+    with open(path, encoding="utf-8") as handle:
+        card = json.load(handle)
     weight = float(card["weight"])
     if not 0.0 <= weight <= 1.0:
         raise ValueError(f"{path}: fusion weight {weight} is outside [0, 1]")
@@ -139,9 +151,12 @@ class CrossEncoderScorer:
             return np.zeros(0, dtype=np.float32)
         if self.precision == "int8":
             return self.quantized.score(pairs)
+        scores = np.zeros(len(pairs), dtype=np.float32)
         with torch.inference_mode(), inference_context(self.precision, self.device):
-            scores = self.model.predict(pairs, batch_size=self.config.batch_size, activation_fn=self.identity, show_progress_bar=False, convert_to_numpy=True)
-        return np.asarray(scores, dtype=np.float32).reshape(-1)
+            for rows in length_bucket_groups(self.model.tokenizer, pairs, int(self.model.max_length)):
+                group = [pairs[row] for row in rows]
+                scores[rows] = np.asarray(self.model.predict(group, batch_size=self.config.batch_size, activation_fn=self.identity, show_progress_bar=False, convert_to_numpy=True), dtype=np.float32).reshape(-1)
+        return scores
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         positions = np.asarray(batch["candidate_positions"])[:, : self.config.depth]

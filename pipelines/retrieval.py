@@ -1,13 +1,17 @@
-"""The query job as one function: a query log in, ranked candidates (both stages) out as Parquet.
+"""The query job: a query log in, ranked candidates (both stages) out as Parquet.
 
-Stages, in order: read and validate the query log (documents module, same rules and quarantine)
-→ QueryEncoder (the index's own bi-encoder, from its manifest) → one ShardSearcher per shard, each
-merging into the running global top-K → CrossEncoderScorer on the top-N (texts fetched from the
-manifest's corpus, held by DocumentTextPartition actors) → rank_candidates → atomically written
-Parquet parts. One row per query flows through the chain, so memory does not grow with the log.
+Three steps, each a function here:
+1. :func:`select_pending_queries`: read and validate the log (documents module, same rules and
+   quarantine), keep judged queries, claim the output folder (``run_identity.json``: a folder of
+   another configuration is refused), skip queries an earlier run wrote whole;
+2. :func:`build_query_flow`: QueryEncoder (the index's own bi-encoder, from its manifest) → one
+   ShardSearcher per shard, each merging into the running global top-K → CrossEncoderScorer on the
+   top-N (texts held by DocumentTextPartition actors). One row per query flows through the chain,
+   so memory does not grow with the log;
+3. :func:`write_run`: rank each batch of whole queries and commit it as one Parquet part.
 
-Output folder: ``part-*.parquet`` (complete queries only), ``quarantine/``, and ``run.json``
-written last. A rerun skips queries already present in the parts.
+Output folder: ``run_identity.json`` (first), ``part-*.parquet`` (whole queries only),
+``quarantine/``, and ``run.json`` written last. A killed run reruns to the same rows.
 """
 
 from __future__ import annotations
@@ -19,14 +23,16 @@ from dataclasses import dataclass, field
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipelines import index_store, storage
 from pipelines.config import config_to_dict
 from pipelines.document_texts import load_document_texts
-from pipelines.documents import CorpusConfig, find_duplicate_ids, quarantined_rows, read_corpus
+from pipelines.documents import CorpusConfig, CorpusError, ValidatedCorpus, validate_corpus
 from pipelines.embedding import EmbeddingConfig, plan_embedding_pool
+from pipelines.models import check_model_reference
 from pipelines.reranking import CrossEncoderScorer, RerankConfig, rank_candidates, read_serving_card
 from pipelines.runtime import ensure_ray, format_table, resolve_broadcast, worker_visible
 from pipelines.shard_search import QueryEncoder, SearchConfig, ShardSearcher, quantized_encoder_url, query_embedding_config
@@ -47,7 +53,8 @@ class RetrieveRerankConfig:
     output: str = field(default="", metadata={"help": "output folder URL for the ranked Parquet parts"})
     qrels: str = field(default="", metadata={"help": "BEIR qrels TSV: run only the queries judged there"})
     version: str = field(default="", metadata={"help": "index version id (default: CURRENT)"})
-    rows_per_part: int = 200_000
+    rows_per_part: int = field(default=200_000, metadata={"help": "output rows per Parquet part, rounded down to whole queries (unit of resume)"})
+    overwrite: bool = field(default=False, metadata={"help": "replace an output folder written by another configuration (otherwise that is an error)"})
     search: SearchConfig = field(default_factory=SearchConfig)
     rerank: RerankConfig = field(default_factory=RerankConfig)
     query_log: CorpusConfig = field(default_factory=_query_log_defaults)
@@ -58,6 +65,14 @@ class RetrieveRerankConfig:
                 raise ValueError(f"--{name} is required")
         if self.rerank.enabled and self.rerank.depth > self.search.top_k:
             raise ValueError(f"--rerank-depth {self.rerank.depth} is deeper than --top-k {self.search.top_k}")
+        from pipelines.config import require_at_least
+
+        require_at_least(self, {"rows_per_part": 1})
+        storage.require_input(self.queries, "queries")
+        if self.qrels:
+            storage.require_input(self.qrels, "qrels")
+        if self.version:
+            index_store.plain_name(self.version, "--version", "command line")
 
 
 @dataclass(frozen=True)
@@ -74,14 +89,22 @@ class QueryPools:
     reranker_device: str
 
 
-def plan_query_pools(cpus: float, gpus: float, shards: int, rerank: RerankConfig) -> QueryPools:
-    """Share the cluster between encoder, searchers and rerankers, leaving room for read/write tasks."""
+def plan_query_pools(cpus: float, gpus: float, shards: int, rerank: RerankConfig, int8_index: bool = False) -> QueryPools:
+    """Share the cluster between encoder, searchers and rerankers, leaving room for read/write tasks.
+
+    The query encoder must be the model the documents were embedded with: for an index built with
+    the int8 (OpenVINO, CPU) bi-encoder that is a CPU actor even on a GPU cluster; an fp16 GPU
+    encoder would put queries and documents in slightly different spaces.
+    """
     reserve = 0.5
     searcher_cpus = round(min(0.25, 0.25 * max(0.5, cpus - reserve) / shards), 3)
     encoder_cpus = 0.25
-    encoder_gpus = 0.1 if gpus >= 1 else 0.0
+    encoder_gpus = 0.1 if gpus >= 1 and not int8_index else 0.0
     remaining = max(0.25, cpus - reserve - encoder_cpus - searcher_cpus * shards)
-    pool = plan_embedding_pool(rerank, remaining + 1.0, gpus)  # plan_embedding_pool keeps one CPU back itself
+    # Torch threads follow the node's CPUs (a 2-CPU machine runs 2 threads on the 1 CPU the actor claims);
+    # the reserve for read/write tasks is already out of ``remaining``.
+    threads = rerank.threads_per_actor or int(min(max(1.0, cpus), 4))
+    pool = plan_embedding_pool(dataclasses.replace(rerank, threads_per_actor=threads), remaining, gpus, reserve_cpus=0.0)
     reranker_gpus = 0.9 if pool.num_gpus else 0.0
     return QueryPools(encoder_cpus, encoder_gpus, searcher_cpus, pool.size, min(pool.num_cpus, remaining / pool.size), reranker_gpus, pool.threads, pool.device)
 
@@ -128,10 +151,6 @@ def reranker_serving(rerank: RerankConfig, corpus_fingerprint: str) -> dict[str,
     return result
 
 
-def _valid_query_keys(batch: pa.Table) -> pa.Table:
-    return batch.filter(pc.is_null(batch["reason"])).select(["id", "order_key", "source_file", "source_row"])
-
-
 def _queries_to_run(batch: pa.Table, order_keys, rows_per_block: int) -> Iterator[pa.Table]:
     """The pending queries of a batch, in small blocks so they stream and spread over every actor.
 
@@ -144,16 +163,111 @@ def _queries_to_run(batch: pa.Table, order_keys, rows_per_block: int) -> Iterato
         yield queries.slice(start, rows_per_block)
 
 
+RUN_IDENTITY_FILE = "run_identity.json"
+
+
+class OutputMismatchError(ValueError):
+    """The output folder holds results of another configuration; the message names what differs."""
+
+
+def run_identity(config: RetrieveRerankConfig, version_id: str, serving: dict[str, Any]) -> dict[str, Any]:
+    """What decides the ranked rows of a run: a rerun may only add to an output folder with the same identity.
+
+    Settings that change speed but not results (pool sizes, threads, batch sizes, rows per part) are left out.
+    """
+    rerank = config_to_dict(config.rerank)
+    for speed_only in ("pool_size", "threads_per_actor", "batch_size"):
+        rerank.pop(speed_only)
+    search = config_to_dict(config.search)
+    search.pop("queries_per_batch", None)
+    return {
+        "index": config.index,
+        "index_version": version_id,
+        "queries": config.queries,
+        "qrels": config.qrels,
+        "query_log": config_to_dict(config.query_log),
+        "search": search,
+        "rerank": rerank,
+        "served_reranker": serving["model"],
+        "fusion_weight": serving["fusion_weight"],
+    }
+
+
+def claim_output(output_url: str, identity: dict[str, Any], overwrite: bool) -> None:
+    """Record ``identity`` in the output folder, or check it against the one there.
+
+    A folder written by another configuration is an error naming the differing settings; with
+    ``overwrite`` its results are removed first. The record is written before any result part.
+    """
+    record_url = storage.join_url(output_url, RUN_IDENTITY_FILE)
+    parts = storage.list_files(output_url, ".parquet")
+    if storage.exists(record_url):
+        previous = storage.read_json(record_url)
+        differing = sorted(_differing_keys(previous, identity))
+        if differing and not overwrite:
+            shown = ", ".join(f"{key} ({_lookup(previous, key)!r} there, {_lookup(identity, key)!r} now)" for key in differing[:4])
+            raise OutputMismatchError(f"{output_url}: written by another configuration: {shown}{' …' if len(differing) > 4 else ''}; use another --output or --overwrite")
+        if not differing:
+            return
+    elif parts and not overwrite:
+        raise OutputMismatchError(f"{output_url}: holds {len(parts)} result part(s) without {RUN_IDENTITY_FILE} (another tool or an older version wrote them); use another --output or --overwrite")
+    for part in parts:
+        storage.remove_tree(part)
+    for stale in (RUN_IDENTITY_FILE, "run.json"):
+        storage.remove_tree(storage.join_url(output_url, stale))
+    storage.write_json_atomically(record_url, identity)
+
+
+def _differing_keys(before: Any, after: Any, prefix: str = "") -> list[str]:
+    if isinstance(before, dict) and isinstance(after, dict):
+        keys = []
+        for key in sorted(set(before) | set(after)):
+            keys += _differing_keys(before.get(key), after.get(key), f"{prefix}{key}.")
+        return keys
+    return [] if before == after else [prefix.rstrip(".")]
+
+
+def _lookup(values: dict, dotted: str) -> Any:
+    for part in dotted.split("."):
+        values = values.get(part) if isinstance(values, dict) else None
+    return values
+
+
 def finished_query_ids(output_url: str) -> set[str]:
-    """Query ids already written by an earlier (possibly killed) run."""
+    """Query ids already written whole by an earlier (possibly killed) run.
+
+    Parts are written atomically and hold whole queries only (:func:`rank_and_write`); a part with a
+    query whose ranks are not exactly 1..n is not ours to resume from, and is an error.
+    """
     done: set[str] = set()
     for part in storage.list_files(output_url, ".parquet"):
-        done.update(storage.read_parquet(part, columns=["query_id"])["query_id"].unique().to_pylist())
+        table = storage.read_parquet(part, columns=["query_id", "rank"])
+        stats = table.group_by("query_id").aggregate([("rank", "count"), ("rank", "min"), ("rank", "max"), ("rank", "count_distinct")])
+        whole = pc.and_(pc.and_(pc.equal(stats["rank_min"], 1), pc.equal(stats["rank_max"], stats["rank_count"])), pc.equal(stats["rank_count_distinct"], stats["rank_count"]))
+        if not pc.all(whole).as_py():
+            broken = stats.filter(pc.invert(whole))["query_id"][0].as_py()
+            raise OutputMismatchError(f"{part}: query {broken} is not whole (ranks are not 1..n); the folder was not written by this job: use --overwrite")
+        ids = stats["query_id"].to_pylist()
+        repeated = done.intersection(ids)
+        if repeated:
+            raise OutputMismatchError(f"{part}: query {sorted(repeated)[0]} is also in another part; the folder was not written by this job: use --overwrite")
+        done.update(ids)
     return done
+
+
+def rank_and_write(batch: dict[str, np.ndarray], doc_ids, fusion_weight: float | None, output_url: str) -> pa.Table:
+    """Ray Data batch function: rank a batch of whole queries and commit them as one Parquet part.
+
+    Ranking and writing in one step keeps every query's rows in one atomically written part, so a
+    killed job leaves whole queries only, and resume never counts a half-written query as done.
+    """
+    return storage.write_parquet_part(rank_candidates(batch, doc_ids, fusion_weight), output_url)
 
 
 def retrieve_and_rerank(config: RetrieveRerankConfig) -> dict[str, Any]:
     """Run the query job; returns its summary (also written as run.json in the output folder)."""
+    if config.rerank.enabled:
+        check_model_reference(config.rerank.model, "--reranker")
     manifest = index_store.read_manifest(config.index, config.version or None)
     with (
         worker_visible(config.index) as index_url,
@@ -164,6 +278,93 @@ def retrieve_and_rerank(config: RetrieveRerankConfig) -> dict[str, Any]:
         return _retrieve_and_rerank(config, manifest, index_url, queries_url, corpus_url, output_url)
 
 
+@dataclass
+class PendingQueries:
+    """The validated query log, and which of its queries this run still has to rank."""
+
+    log: ValidatedCorpus
+    pending: pa.Table
+    selected: int
+    done: int
+    quarantined: int
+
+
+def select_pending_queries(config: RetrieveRerankConfig, queries_url: str, output_url: str, identity: dict[str, Any]) -> PendingQueries:
+    """Validate the log, keep the judged queries (with ``qrels``), claim the output folder, quarantine,
+    and leave out the queries an earlier run of the same configuration already wrote whole."""
+    log = validate_corpus(queries_url, config.query_log, public_url=config.queries, what="queries")
+    keys = log.keys
+    if config.qrels:
+        from pipelines.evaluation import read_qrels
+
+        judged = set(read_qrels(config.qrels))
+        unknown = sorted(judged - set(keys["id"].to_pylist()))
+        if unknown:
+            raise CorpusError(f"{config.qrels}: {len(unknown)} judged query ids are not valid queries in {config.queries} (for example {unknown[:5]})")
+        keys = keys.filter(pc.is_in(keys["id"], value_set=pa.array(sorted(judged))))
+    claim_output(output_url, identity, config.overwrite)
+    quarantined = log.write_quarantine(storage.join_url(output_url, "quarantine"))
+    done = finished_query_ids(output_url)
+    pending = keys.filter(pc.invert(pc.is_in(keys["id"], value_set=pa.array(sorted(done), pa.string()))))
+    print(f"{log.rows_read} query rows: {keys.num_rows} to run, {len(done)} already done, {quarantined} quarantined")
+    return PendingQueries(log, pending, keys.num_rows, len(done), quarantined)
+
+
+def build_query_flow(queries, config: RetrieveRerankConfig, rerank: RerankConfig, manifest: dict[str, Any], index_url: str, corpus_url: str, doc_ids: pa.Table):
+    """The lazy Ray Data flow from query rows to ranked candidates: encoder → one searcher per shard → reranker."""
+    import ray
+
+    resources = ray.cluster_resources()
+    shards = len(manifest["shards"])
+    query_encoder_url = quantized_encoder_url(index_url, manifest)
+    pools = plan_query_pools(resources.get("CPU", 1), resources.get("GPU", 0), shards, rerank, int8_index=bool(query_encoder_url))
+    embedding = query_embedding_config(manifest, EmbeddingConfig(batch_size=64))
+    flow = queries.map_batches(
+        QueryEncoder,
+        fn_constructor_args=(embedding, manifest["model"]["dimension"], "cuda" if pools.encoder_gpus else "cpu", 1, query_encoder_url),
+        batch_size=config.search.queries_per_batch,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=1),
+        num_cpus=pools.encoder_cpus,
+        num_gpus=pools.encoder_gpus,
+    )
+    for shard in range(shards):
+        flow = flow.map_batches(
+            ShardSearcher,
+            fn_constructor_args=(index_url, manifest["version_id"], shard, config.search, 1),
+            batch_size=config.search.queries_per_batch,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=1),
+            num_cpus=pools.searcher_cpus,
+        )
+    if rerank.enabled:
+        texts = load_document_texts(corpus_url, manifest, doc_ids.select(["position", "id", "text_hash"]), partitions=shards)
+        flow = flow.map_batches(
+            CrossEncoderScorer,
+            fn_constructor_args=(rerank, texts, pools.reranker_device, pools.reranker_threads),
+            batch_size=_rows_per_block(config, rerank),
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=pools.reranker_size),
+            num_cpus=pools.reranker_cpus,
+            num_gpus=pools.reranker_gpus,
+        )
+    return flow
+
+
+def _rows_per_block(config: RetrieveRerankConfig, rerank: RerankConfig) -> int:
+    return max(1, min(config.search.queries_per_batch, 2048 // rerank.depth)) if rerank.enabled else config.search.queries_per_batch
+
+
+def write_run(flow, doc_ids: pa.Table, fusion_weight: float | None, output_url: str, queries_per_part: int) -> int:
+    """Rank and commit the flow's queries as Parquet parts of whole queries; returns the rows written."""
+    import ray
+
+    written = flow.map_batches(
+        rank_and_write, fn_args=(ray.put(doc_ids["id"].combine_chunks()), fusion_weight, output_url), batch_size=queries_per_part, batch_format="numpy", num_cpus=0.25
+    )
+    return storage.count_written(written)
+
+
 def _retrieve_and_rerank(config, manifest, index_url, queries_url, corpus_url, output_url) -> dict[str, Any]:
     import ray
 
@@ -171,98 +372,36 @@ def _retrieve_and_rerank(config, manifest, index_url, queries_url, corpus_url, o
     ensure_ray()
     version_id = manifest["version_id"]
     doc_ids = index_store.load_doc_ids(index_url, manifest)
-
-    # Query log: validate, quarantine, limit to judged queries, skip finished ones.
-    validated, _ = read_corpus(queries_url, config.query_log)
-    validated = validated.materialize()
-    rows_read = validated.count()
-    tables = [t for t in ray.get(validated.map_batches(_valid_query_keys, batch_format="pyarrow").to_arrow_refs()) if t.num_rows]
-    if not tables:
-        raise ValueError(f"{config.queries}: no valid queries among {rows_read} rows")
-    keys = pa.concat_tables(tables)
-    duplicates = find_duplicate_ids(keys)
-    keys = keys.filter(pc.invert(pc.is_in(keys["order_key"], value_set=duplicates["order_key"])))
-    if config.qrels:
-        from pipelines.evaluation import read_qrels
-
-        judged = set(read_qrels(config.qrels))
-        unknown = sorted(judged - set(keys["id"].to_pylist()))
-        if unknown:
-            raise ValueError(f"{config.qrels}: {len(unknown)} judged query ids are not valid queries in {config.queries} (for example {unknown[:5]})")
-        keys = keys.filter(pc.is_in(keys["id"], value_set=pa.array(sorted(judged))))
-    quarantine_url = storage.join_url(output_url, "quarantine")
-    storage.remove_tree(quarantine_url)
-    quarantined, _ = storage.write_parquet_parts(
-        validated.map_batches(quarantined_rows, fn_args=(ray.put(duplicates),), batch_format="pyarrow"), quarantine_url, 100_000
-    )
-    done = finished_query_ids(output_url)
-    pending = keys.filter(pc.invert(pc.is_in(keys["id"], value_set=pa.array(sorted(done), pa.string()))))
-    print(f"{rows_read} query rows: {keys.num_rows} to run, {len(done)} already done, {quarantined} quarantined")
-
-    resources = ray.cluster_resources()
-    shards = len(manifest["shards"])
     serving = reranker_serving(config.rerank, index_store.corpus_fingerprint(doc_ids))
     for line in serving["notes"]:
         print(line, flush=True)
     rerank = dataclasses.replace(config.rerank, model=serving["model"])
-    fusion_weight = serving["fusion_weight"]
-    pools = plan_query_pools(resources.get("CPU", 1), resources.get("GPU", 0), shards, rerank)
+
+    queries = select_pending_queries(config, queries_url, output_url, run_identity(config, version_id, serving))
     pipeline_started = time.perf_counter()
-    if pending.num_rows:
-        rows_per_block = max(1, min(config.search.queries_per_batch, 2048 // rerank.depth)) if rerank.enabled else config.search.queries_per_batch
-        queries = validated.map_batches(
-            _queries_to_run, fn_args=(ray.put(pending["order_key"].combine_chunks()), rows_per_block), batch_format="pyarrow", num_cpus=0.25
+    written_rows = 0
+    if queries.pending.num_rows:
+        rows = queries.log.rows.map_batches(
+            _queries_to_run, fn_args=(ray.put(queries.pending["order_key"].combine_chunks()), _rows_per_block(config, rerank)), batch_format="pyarrow", num_cpus=0.25
         )
-        embedding = query_embedding_config(manifest, EmbeddingConfig(batch_size=64))
-        flow = queries.map_batches(
-            QueryEncoder,
-            fn_constructor_args=(embedding, manifest["model"]["dimension"], "cuda" if pools.encoder_gpus else "cpu", 1, quantized_encoder_url(index_url, manifest)),
-            batch_size=config.search.queries_per_batch,
-            batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=1),
-            num_cpus=pools.encoder_cpus,
-            num_gpus=pools.encoder_gpus,
-        )
-        for shard in range(shards):
-            flow = flow.map_batches(
-                ShardSearcher,
-                fn_constructor_args=(index_url, version_id, shard, config.search, 1),
-                batch_size=config.search.queries_per_batch,
-                batch_format="numpy",
-                compute=ray.data.ActorPoolStrategy(size=1),
-                num_cpus=pools.searcher_cpus,
-            )
-        if rerank.enabled:
-            texts = load_document_texts(corpus_url, manifest, doc_ids.select(["position", "id", "text_hash"]), partitions=shards)
-            flow = flow.map_batches(
-                CrossEncoderScorer,
-                fn_constructor_args=(rerank, texts, pools.reranker_device, pools.reranker_threads),
-                batch_size=rows_per_block,
-                batch_format="numpy",
-                compute=ray.data.ActorPoolStrategy(size=pools.reranker_size),
-                num_cpus=pools.reranker_cpus,
-                num_gpus=pools.reranker_gpus,
-            )
-        ranked = flow.map_batches(rank_candidates, fn_args=(ray.put(doc_ids["id"].combine_chunks()), fusion_weight), batch_format="numpy", num_cpus=0.25)
-        written_rows, _ = storage.write_parquet_parts(ranked, output_url, config.rows_per_part)
-    else:
-        written_rows = 0
+        flow = build_query_flow(rows, config, rerank, manifest, index_url, corpus_url, doc_ids)
+        written_rows = write_run(flow, doc_ids, serving["fusion_weight"], output_url, max(1, config.rows_per_part // config.search.top_k))
     pipeline_seconds = time.perf_counter() - pipeline_started
-    queries_run = pending.num_rows
+    queries_run = queries.pending.num_rows
     pairs = queries_run * min(rerank.depth, config.search.top_k) if rerank.enabled else 0
     summary = {
         "index": config.index,
         "index_version": version_id,
-        "queries_read": rows_read,
-        "queries_quarantined": quarantined,
+        "queries_read": queries.log.rows_read,
+        "queries_quarantined": queries.quarantined,
         "queries_run": queries_run,
-        "queries_reused": len(done),
+        "queries_reused": queries.done,
         "rows_written": written_rows,
         "top_k": config.search.top_k,
         "exact_rescoring": config.search.exact_rescoring,
         "reranker": rerank.model if rerank.enabled else "none",
         "rerank_depth": rerank.depth if rerank.enabled else 0,
-        "fusion_weight": fusion_weight,
+        "fusion_weight": serving["fusion_weight"],
         "fusion_fitted_on": serving["fitted_on"],
         "reranker_trained_on": serving["trained_on"],
         "reranker_notes": serving["notes"],

@@ -6,7 +6,7 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 from pipelines import storage
 
@@ -36,6 +36,29 @@ def resolve_broadcast(value):
     return ray.get(value) if isinstance(value, ray.ObjectRef) else value
 
 
+def collect(dataset):
+    """A (small) Ray Dataset's rows on the driver as one Arrow table; None when it has no rows."""
+    import pyarrow as pa
+    import ray
+
+    tables = [table for table in ray.get(dataset.to_arrow_refs()) if table.num_rows]
+    return pa.concat_tables(tables) if tables else None
+
+
+def public_url(text: str, effective_root: str, public_root: str) -> str:
+    """Name files under the root the user gave, not under the temporary mirror of process-local storage.
+
+    ``text`` is a URL or a message naming URLs; the mirror (a uniquely named local folder) may be
+    spelt as a path or as a ``file://`` URL, as listings return it.
+    """
+    if effective_root == public_root:
+        return text
+    filesystem, path = storage.filesystem_and_path(effective_root)
+    for mirror in (storage.to_url(filesystem, path.rstrip("/")), effective_root.rstrip("/")):
+        text = text.replace(mirror, public_root.rstrip("/"))
+    return text
+
+
 def is_process_local(url: str) -> bool:
     """True for storage that only this process can see (memory://): Ray workers would see it empty."""
     filesystem, _ = storage.filesystem_and_path(url)
@@ -44,23 +67,19 @@ def is_process_local(url: str) -> bool:
 
 
 def _copy_tree(source_url: str, target_url: str) -> None:
+    """Copy a file or a folder's contents between process-local storage and a local folder (fsspec ``get``/``put``)."""
     source_fs, source_path = storage.filesystem_and_path(source_url)
     target_fs, target_path = storage.filesystem_and_path(target_url)
     if not source_fs.exists(source_path):
         return
-    if source_fs.isfile(source_path):
-        files = [source_path]
-        base = source_path
+    folder = source_fs.isdir(source_path)
+    source, target = (source_path.rstrip("/") + "/", target_path.rstrip("/") + "/") if folder else (source_path, target_path)
+    if storage.is_local(target_fs):
+        source_fs.get(source, target, recursive=folder)
+    elif storage.is_local(source_fs):
+        target_fs.put(source, target, recursive=folder)
     else:
-        files = source_fs.find(source_path)
-        base = source_path.rstrip("/") + "/"
-    for file_path in files:
-        relative = "" if file_path == base else file_path[len(base):]
-        destination = f"{target_path}/{relative}" if relative else target_path
-        parent = destination.rsplit("/", 1)[0]
-        if parent:
-            target_fs.makedirs(parent, exist_ok=True)
-        target_fs.pipe_file(destination, source_fs.cat_file(file_path))
+        raise ValueError(f"cannot mirror {source_url} to {target_url}: one side must be local")
 
 
 @contextlib.contextmanager
@@ -87,11 +106,23 @@ def worker_visible(url: str, copy_back: bool = False, local_only: bool = False) 
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def format_table(rows: list[tuple[str, object]], title: str = "") -> str:
-    """A two-column text table for end-of-job summaries."""
-    formatted = [(name, f"{value:,.1f}" if isinstance(value, float) else f"{value:,}" if isinstance(value, int) else str(value)) for name, value in rows]
-    width = max(len(name) for name, _ in formatted)
-    value_width = max(len(value) for _, value in formatted)
-    line = "-" * (width + value_width + 3)
-    body = "\n".join(f"{name:<{width}}   {value:>{value_width}}" for name, value in formatted)
-    return "\n".join(part for part in (title, line, body, line) if part)
+def format_table(rows: Sequence[Sequence[object]], title: str = "", headers: Sequence[str] = (), left_columns: int = 1, markdown: bool = False) -> str:
+    """A text table (tabulate) for job summaries, metrics and benchmarks: the first ``left_columns`` columns
+    left-aligned, the rest right-aligned; floats with one decimal and ints with thousands separators
+    unless already formatted as text; ``markdown`` gives a GitHub table for notes and READMEs."""
+    from tabulate import tabulate
+
+    def cell(value: object) -> str:
+        if isinstance(value, bool) or value is None:
+            return "-" if value is None else str(value)
+        if isinstance(value, float):
+            return f"{value:,.1f}"
+        if isinstance(value, int):
+            return f"{value:,}"
+        return str(value)
+
+    body = [[cell(value) for value in row] for row in rows]
+    width = len(body[0]) if body else len(headers)
+    alignment = ["left"] * min(left_columns, width) + ["right"] * max(0, width - left_columns)
+    table = tabulate(body, headers=list(headers), tablefmt="github" if markdown else "simple", colalign=alignment, disable_numparse=True)
+    return f"{title}\n{table}" if title else table

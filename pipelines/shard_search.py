@@ -34,6 +34,13 @@ class SearchConfig:
     nprobe: int = field(default=0, metadata={"help": "IVF lists to visit (0 = the manifest's; ignored for indexes without IVF lists)"})
     queries_per_batch: int = 256
 
+    def validate(self) -> None:
+        from pipelines.config import require_at_least
+
+        require_at_least(self, {"top_k": 1, "rescoring_candidates": 0, "nprobe": 0, "queries_per_batch": 1})
+        if self.rescoring_candidates and self.rescoring_candidates < self.top_k:
+            raise ValueError(f"--rescoring-candidates {self.rescoring_candidates}: must be at least --top-k {self.top_k} (or 0)")
+
 
 def query_embedding_config(manifest: dict, base: EmbeddingConfig | None = None) -> EmbeddingConfig:
     """The embedding settings the index was built with (model, normalization, length) from its manifest."""
@@ -46,10 +53,9 @@ def query_embedding_config(manifest: dict, base: EmbeddingConfig | None = None) 
 
 def quantized_encoder_url(index_root: str, manifest: dict) -> str:
     """The int8 bi-encoder the index's documents were embedded with ("" for a float index): queries use it too."""
-    from pipelines import storage
+    from pipelines.index_store import quantized_model_url
 
-    relative = manifest["model"].get("quantized_model")
-    return storage.join_url(index_root, relative) if relative else ""
+    return quantized_model_url(index_root, manifest)
 
 
 class QueryEncoder:

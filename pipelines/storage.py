@@ -71,9 +71,36 @@ def write_bytes_atomically(url: str, data: bytes) -> str:
     return sha256_bytes(data)
 
 
+def replace_local_folder(path: str, save) -> str:
+    """Fill a local folder through ``save(temporary_path)`` (e.g. a model's ``save``), then swap it in by renames.
+
+    A kill while saving leaves the previous folder (or none) at ``path``, never a half-written one.
+    """
+    import shutil
+
+    path = os.path.abspath(path)
+    temporary = f"{path}.tmp-{uuid.uuid4().hex}"
+    save(temporary)
+    if os.path.exists(path):
+        retired = f"{path}.old-{uuid.uuid4().hex}"
+        os.replace(path, retired)
+        os.replace(temporary, path)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        os.replace(temporary, path)
+    return path
+
+
 def read_bytes(url: str) -> bytes:
     filesystem, path = filesystem_and_path(url)
     return filesystem.cat_file(path)
+
+
+def require_input(url: str, setting: str) -> None:
+    """FileNotFoundError naming the setting when an input file or folder does not exist (globs are left to the reader)."""
+    if any(character in str(url) for character in "*?[") or exists(url):
+        return
+    raise FileNotFoundError(f"--{setting.replace('_', '-')} {url}: no such file or folder")
 
 
 def exists(url: str) -> bool:
@@ -142,9 +169,14 @@ def write_parquet_parts(dataset, folder_url: str, rows_per_part: int) -> tuple[i
     written = dataset.map_batches(
         write_parquet_part, fn_args=(folder_url,), batch_size=rows_per_part, batch_format="pyarrow", num_cpus=0.25
     )
+    return count_written(written, with_parts=True)
+
+
+def count_written(written, with_parts: bool = False):
+    """Rows (and parts) reported by a Ray Dataset of :func:`write_parquet_part` results, running it to the end."""
     rows = 0
     parts = 0
     for batch in written.iter_batches(batch_format="pyarrow", batch_size=None):
         rows += sum(batch["rows"].to_pylist())
         parts += batch.num_rows
-    return rows, parts
+    return (rows, parts) if with_parts else rows

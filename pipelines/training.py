@@ -64,6 +64,24 @@ class TrainingConfig:
     seed: int = 12
     mining: MiningConfig = field(default_factory=MiningConfig)
 
+    def validate(self) -> None:
+        from pipelines.config import require_at_least
+        from pipelines.training_plan import parse_duration
+
+        require_at_least(self, {"max_steps": 0, "dev_queries": 1, "dev_depth": 1, "evaluations": 1, "checkpoints": 1, "queries_per_step": 1, "max_length": 8, "teacher_scale": 0.0})
+        if not self.max_steps:
+            try:
+                parse_duration(self.budget)
+            except ValueError as error:
+                raise ValueError(f"--budget {self.budget}: {error}") from None
+        for name in ("distillation_fraction", "warmup_ratio"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be in [0, 1)")
+        if self.encoder_learning_rate <= 0 or self.head_learning_rate <= 0:
+            raise ValueError("--encoder-learning-rate and --head-learning-rate must be positive")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"--dropout {self.dropout}: must be in [0, 1)")
+
 
 def training_precision(requested: str) -> str:
     import torch
@@ -329,10 +347,12 @@ def train_cross_encoder(model, dataset, evaluator, plan: TrainingPlan, config: T
     seconds = time.perf_counter() - started
     if not os.path.exists(os.path.join(best_folder, "best.json")):
         _keep_best(best_folder, PRIMARY_DEV_METRIC, trainer.evaluate(), trainer.model, trainer.state.global_step)
-    best = json.loads(open(os.path.join(best_folder, "best.json")).read())
-    model = CrossEncoder(os.path.join(best_folder, "model"), max_length=config.max_length)
+    from pipelines import storage
+
+    best = storage.read_json(os.path.join(best_folder, "best.json"))
+    model = CrossEncoder(os.path.join(best_folder, best["folder"]), max_length=config.max_length)
     model_folder = os.path.join(output_folder, "model")
-    model.save(model_folder)
+    storage.replace_local_folder(model_folder, model.save)
     history = trainer.state.log_history
     pairs_per_row = float(np.mean([len(labels) for labels in dataset["labels"]])) if len(dataset) else 0.0
     return {
@@ -404,7 +424,6 @@ def _planned_evaluations(plan: TrainingPlan):
         def on_step_end(self, args, state, control, **kwargs):
             if state.global_step in plan.evaluation_steps:
                 control.should_evaluate = True
-            done = state.global_step - self.first_step
             remaining = plan.total_steps - self.first_step
             if remaining > 0 and plan.budget_seconds and time.perf_counter() - self.started > OVERRUN_LIMIT * plan.budget_seconds * remaining / plan.total_steps:
                 print(f"training overran its budget ({plan.budget_seconds:.0f} s) by {OVERRUN_LIMIT - 1:.0%} at step {state.global_step}: stopping early", flush=True)
@@ -416,17 +435,26 @@ def _planned_evaluations(plan: TrainingPlan):
 
 
 def _keep_best(folder: str, metric: str, metrics: dict, model, step: int) -> None:
-    """Save ``model`` to ``folder/model`` if ``metrics[metric]`` beats the best so far (kept in best.json)."""
+    """Save ``model`` as ``folder/model-<step>`` if ``metrics[metric]`` beats the best so far.
+
+    ``best.json``, written last, names the folder: a kill while saving leaves the previous best intact.
+    """
+    import shutil
+
+    from pipelines import storage
+
     if metric not in metrics:
         return
     record = os.path.join(folder, "best.json")
-    best = json.loads(open(record).read()) if os.path.exists(record) else None
+    best = storage.read_json(record) if os.path.exists(record) else None
     if best is not None and metrics[metric] <= best["value"]:
         return
-    model.save(os.path.join(folder, "model"))
-    with open(record + ".tmp", "w") as handle:
-        json.dump({"metric": metric, "value": float(metrics[metric]), "step": int(step)}, handle)
-    os.replace(record + ".tmp", record)
+    name = f"model-{int(step)}"
+    storage.replace_local_folder(os.path.join(folder, name), model.save)
+    storage.write_json_atomically(record, {"metric": metric, "value": float(metrics[metric]), "step": int(step), "folder": name})
+    for entry in os.listdir(folder):
+        if entry.startswith("model") and entry != name:
+            shutil.rmtree(os.path.join(folder, entry), ignore_errors=True)
 
 
 def _keep_best_callback(folder: str, metric: str):
@@ -513,9 +541,15 @@ class TrainRerankerConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
 
     def validate(self) -> None:
+        from pipelines import storage
+        from pipelines.config import require_at_least
+
         for name in ("index", "queries", "qrels", "output"):
             if not getattr(self, name):
                 raise ValueError(f"--{name} is required")
+        for name in ("queries", "qrels"):
+            storage.require_input(getattr(self, name), name)
+        require_at_least(self, {"fusion_depth": 1, "calibration_pairs": 1, "int8_tolerance": 0.0})
 
 
 def _first_stage(run) -> tuple[dict[str, list[str]], dict[str, np.ndarray]]:
@@ -580,6 +614,9 @@ def _plan_from_probe(model, lists_for_probe, queries, texts, training: TrainingC
 
 def train_reranker(config: TrainRerankerConfig) -> dict[str, Any]:
     """Mine, plan, train, select, fit fusion and decide how to serve; returns the training report (also saved as JSON)."""
+    from pipelines.models import check_model_reference
+
+    check_model_reference(config.training.base_model, "--training.base-model")
     from pipelines import index_store, storage
     from pipelines.document_texts import texts_by_id
     from pipelines.documents import CorpusConfig
