@@ -42,6 +42,7 @@ class IndexValidationError(ValueError):
 
 
 MODELS_FOLDER = "models"
+SPARSE_FOLDER = "sparse"  # BM25 shard term counts, shared by versions (pipelines.sparse_index)
 
 
 def plain_name(value: object, what: str, source: str) -> str:
@@ -63,6 +64,14 @@ def check_manifest_paths(manifest: dict[str, Any], source: str) -> None:
             plain_name(entry["vectors_file"], f"shards[{number}].vectors_file", source)
     if "file" in manifest["doc_ids"]:
         plain_name(manifest["doc_ids"]["file"], "doc_ids.file", source)
+    sparse = manifest.get("sparse")
+    if sparse:
+        plain_name(sparse["statistics"].get("file"), "sparse.statistics.file", source)
+        for number, entry in enumerate(sparse["shards"]):
+            folder, _, name = str(entry.get("file")).partition("/")
+            if folder != SPARSE_FOLDER:
+                raise IndexValidationError(f"{source}: sparse.shards[{number}].file {entry.get('file')!r} is not a file under the index's {SPARSE_FOLDER}/")
+            plain_name(name, f"sparse.shards[{number}].file", source)
     quantized = manifest["model"].get("quantized_model")
     if quantized:
         folder, _, name = str(quantized).partition("/")
@@ -164,6 +173,7 @@ class Manifest:
     embeddings: dict[str, Any]
     quarantine: dict[str, Any]
     doc_ids: dict[str, Any] = field(default_factory=dict)
+    sparse: dict[str, Any] | None = None  # the BM25 part (pipelines.sparse_index); None when built with --sparse off
     format: int = MANIFEST_FORMAT
 
     def to_dict(self) -> dict[str, Any]:

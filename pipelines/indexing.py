@@ -41,10 +41,12 @@ from pipelines.index_building import (
     choose_index_parameters,
     locate_vectors,
     sample_positions,
+    shard_ranges,
     version_fingerprint,
 )
 from pipelines.models import check_model_reference, resolve_precision
 from pipelines.quantization import int8_available
+from pipelines.sparse_index import Bm25Config, build_sparse_shards
 from pipelines.runtime import (
     collect,
     ensure_ray,
@@ -65,6 +67,8 @@ class BuildIndexConfig:
     documents: CorpusConfig = field(default_factory=CorpusConfig)
     embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
     faiss: IndexConfig = field(default_factory=IndexConfig)
+    sparse: bool = field(default=True, metadata={"help": "also build a BM25 index (bm25s) over the same documents and shards: --sparse on|off"})
+    bm25: Bm25Config = field(default_factory=Bm25Config)
 
     def validate(self) -> None:
         if not self.corpus:
@@ -171,7 +175,8 @@ def _build_index(config: BuildIndexConfig, corpus_url: str, index_url: str) -> d
     model_settings = {"model": config.embedding.model, "normalize": config.embedding.normalize, "max_seq_length": config.embedding.max_seq_length, "key": model_key(config.embedding, embedding.quantized)}
     if embedding.quantized:  # queries must be embedded by the same int8 model (relative: the root may be mirrored or moved)
         model_settings["quantized_model"] = embedding.quantized["path"]
-    version_id = version_fingerprint(documents, plan, model_settings)
+    sparse_settings = config.bm25.settings() if config.sparse else None
+    version_id = version_fingerprint(documents, plan, {**model_settings, "sparse": sparse_settings} if sparse_settings else model_settings)
     folder = index_store.version_url(index_url, version_id)
     if storage.exists(storage.join_url(folder, "manifest.json")):
         print(f"version {version_id} is already complete; nothing to rebuild")
@@ -188,6 +193,11 @@ def _build_index(config: BuildIndexConfig, corpus_url: str, index_url: str) -> d
     index_started = time.perf_counter()
     shards = build_shards(located, plan, dimension, folder)
     index_seconds = time.perf_counter() - index_started
+    sparse, sparse_seconds = None, 0.0
+    if config.sparse:
+        sparse_started = time.perf_counter()
+        sparse = build_sparse_shards(corpus.rows, documents, shard_ranges(documents.num_rows, plan.shards), config.bm25, index_url, folder)
+        sparse_seconds = time.perf_counter() - sparse_started
 
     # 5. Doc ids, summary, manifest (last), CURRENT (index_store).
     summary = {
@@ -203,6 +213,10 @@ def _build_index(config: BuildIndexConfig, corpus_url: str, index_url: str) -> d
         "shards": len(shards),
         "index_bytes": sum(shard["bytes"] for shard in shards),
         "vector_bytes": sum(shard["vectors_bytes"] for shard in shards),
+        "sparse": bool(sparse),
+        "sparse_seconds": round(sparse_seconds, 2),
+        "sparse_bytes": sum(shard["bytes"] for shard in sparse["shards"]) + sparse["statistics"]["bytes"] if sparse else 0,
+        "sparse_shards_reused": sum(shard["reused"] for shard in sparse["shards"]) if sparse else 0,
         "wall_seconds": round(time.perf_counter() - started, 2),
     }
     manifest = index_store.Manifest(
@@ -217,6 +231,7 @@ def _build_index(config: BuildIndexConfig, corpus_url: str, index_url: str) -> d
         corpus={"url": config.corpus, "files": corpus.files},
         embeddings={"url": public_url(embedding.store.url, index_url, config.index)},
         quarantine={"url": public_url(quarantine_url, index_url, config.index), "count": quarantined},
+        sparse=sparse,
     )
     manifest.write_version(index_url, documents, summary, publish_now=config.publish)
     return summary
@@ -239,6 +254,7 @@ def summary_table(summary: dict[str, Any]) -> str:
         ("index", summary["factory"]),
         ("shards", summary["shards"]),
         ("index bytes", summary["index_bytes"]),
+        ("BM25", f"{summary['sparse_bytes']:,} bytes, {summary['sparse_seconds']} s, {summary['sparse_shards_reused']} shard(s) reused" if summary.get("sparse") else "off"),
         ("wall time (s)", float(summary["wall_seconds"])),
     ]
     return format_table(rows, title=f"index version {summary['version_id']}")

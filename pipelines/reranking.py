@@ -42,8 +42,14 @@ OUTPUT_SCHEMA = pa.schema(
         ("first_stage_score", pa.float32()),
         ("rerank_score", pa.float32()),
         ("fused_score", pa.float32()),
+        ("dense_rank", pa.int32()),
+        ("dense_score", pa.float32()),
+        ("sparse_rank", pa.int32()),
+        ("sparse_score", pa.float32()),
     ]
 )
+"""Output columns: ``first_stage_*`` is the first stage the reranker saw (the fused one in hybrid mode);
+``dense_*`` / ``sparse_*`` each retriever's own rank and score (null where it did not return the document)."""
 
 
 @dataclass
@@ -175,6 +181,7 @@ def rank_candidates(batch: dict[str, np.ndarray], doc_ids: pa.Array, fusion_weig
     positions = np.asarray(batch["candidate_positions"])
     first_scores = np.asarray(batch["candidate_scores"], dtype=np.float32)
     rerank = batch.get("rerank_scores")
+    retrievers = {name: np.asarray(batch[f"candidate_{name}s"]) for name in ("dense_rank", "dense_score", "sparse_rank", "sparse_score") if f"candidate_{name}s" in batch}
     columns: dict[str, list] = {name: [] for name in OUTPUT_SCHEMA.names}
     for row, query_id in enumerate(batch["query_id"]):
         valid = positions[row] >= 0
@@ -202,6 +209,12 @@ def rank_candidates(batch: dict[str, np.ndarray], doc_ids: pa.Array, fusion_weig
         columns["first_stage_score"].extend(row_first[order].tolist())
         columns["rerank_score"].extend(rerank_row[order].tolist())
         columns["fused_score"].extend(fused_row[order].tolist())
+        for name in ("dense_rank", "dense_score", "sparse_rank", "sparse_score"):
+            values = retrievers[name][row, :count][order] if name in retrievers else np.zeros(count)
+            if name.endswith("_rank"):
+                columns[name].extend([int(value) if value > 0 else None for value in values])
+            else:
+                columns[name].extend(values.tolist() if name in retrievers else [np.nan] * count)
     arrays = [
         pa.array(np.asarray(columns[column.name], dtype=np.float32), column.type, from_pandas=True)  # NaN -> null: not reranked/fused
         if column.type == pa.float32() else pa.array(columns[column.name], column.type)

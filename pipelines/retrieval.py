@@ -311,32 +311,53 @@ def select_pending_queries(config: RetrieveRerankConfig, queries_url: str, outpu
 
 
 def build_query_flow(queries, config: RetrieveRerankConfig, rerank: RerankConfig, manifest: dict[str, Any], index_url: str, corpus_url: str, doc_ids: pa.Table):
-    """The lazy Ray Data flow from query rows to ranked candidates: encoder → one searcher per shard → reranker."""
+    """The lazy Ray Data flow from query rows to ranked candidates: encoder → one searcher per dense shard → one
+    BM25 searcher per shard → the fused first stage (``search.mode``) → reranker."""
     import ray
+
+    from pipelines.hybrid_fusion import first_stage, resolve_search_mode
+    from pipelines.sparse_search import SparseShardSearcher
 
     resources = ray.cluster_resources()
     shards = len(manifest["shards"])
+    mode = resolve_search_mode(config.search.mode, manifest)
     query_encoder_url = quantized_encoder_url(index_url, manifest)
-    pools = plan_query_pools(resources.get("CPU", 1), resources.get("GPU", 0), shards, rerank, int8_index=bool(query_encoder_url))
-    embedding = query_embedding_config(manifest, EmbeddingConfig(batch_size=64))
-    flow = queries.map_batches(
-        QueryEncoder,
-        fn_constructor_args=(embedding, manifest["model"]["dimension"], "cuda" if pools.encoder_gpus else "cpu", 1, query_encoder_url),
-        batch_size=config.search.queries_per_batch,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=1),
-        num_cpus=pools.encoder_cpus,
-        num_gpus=pools.encoder_gpus,
-    )
-    for shard in range(shards):
+    searchers = shards * ((mode != "sparse") + (mode != "dense"))
+    pools = plan_query_pools(resources.get("CPU", 1), resources.get("GPU", 0), searchers, rerank, int8_index=bool(query_encoder_url))
+    flow = queries
+    if mode != "sparse":
+        embedding = query_embedding_config(manifest, EmbeddingConfig(batch_size=64))
         flow = flow.map_batches(
-            ShardSearcher,
-            fn_constructor_args=(index_url, manifest["version_id"], shard, config.search, 1),
+            QueryEncoder,
+            fn_constructor_args=(embedding, manifest["model"]["dimension"], "cuda" if pools.encoder_gpus else "cpu", 1, query_encoder_url),
             batch_size=config.search.queries_per_batch,
             batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=1),
-            num_cpus=pools.searcher_cpus,
+            num_cpus=pools.encoder_cpus,
+            num_gpus=pools.encoder_gpus,
         )
+        for shard in range(shards):
+            flow = flow.map_batches(
+                ShardSearcher,
+                fn_constructor_args=(index_url, manifest["version_id"], shard, config.search, 1),
+                batch_size=config.search.queries_per_batch,
+                batch_format="numpy",
+                compute=ray.data.ActorPoolStrategy(size=1),
+                num_cpus=pools.searcher_cpus,
+            )
+    if mode != "dense":
+        for shard in range(len(manifest["sparse"]["shards"])):
+            flow = flow.map_batches(
+                SparseShardSearcher,
+                fn_constructor_args=(index_url, manifest["version_id"], shard, config.search),
+                batch_size=config.search.queries_per_batch,
+                batch_format="numpy",
+                compute=ray.data.ActorPoolStrategy(size=1),
+                num_cpus=pools.searcher_cpus,
+            )
+    search = config.search
+    flow = flow.map_batches(first_stage, fn_args=(mode, search.top_k, search.hybrid_fusion, search.dense_weight, search.rrf_k),
+                            batch_size=search.queries_per_batch, batch_format="numpy", num_cpus=0.25)
     if rerank.enabled:
         texts = load_document_texts(corpus_url, manifest, doc_ids.select(["position", "id", "text_hash"]), partitions=shards)
         flow = flow.map_batches(

@@ -1,0 +1,82 @@
+"""First stage, lexical half: search one BM25 shard and merge its candidates into each query's running top-K.
+
+Like the dense :class:`~pipelines.shard_search.ShardSearcher`, one searcher per shard runs in its
+own Ray actor and the batch carries the running top-K (``sparse_positions`` / ``sparse_scores``,
+padded with -1 / -inf), so memory per query is O(K) whatever the number of shards. Scores use the
+version's global statistics (:mod:`pipelines.sparse_index`), so shards' scores compare directly.
+A document that shares no term with the query scores 0 and is not a candidate.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pipelines import sparse_index
+from pipelines.shard_search import PADDING_POSITION, SearchConfig, empty_candidates, merge_top_k
+
+
+class SparseShardSearcher:
+    """Ray Data callable class: BM25 candidates of one shard, merged into ``sparse_positions`` / ``sparse_scores``."""
+
+    def __init__(self, root: str, version_id: str, shard: int, config: SearchConfig):
+        from pipelines import index_store
+
+        manifest = index_store.read_manifest(root, version_id)
+        if not manifest.get("sparse"):
+            raise index_store.IndexValidationError(f"{root}: version {version_id} has no BM25 index (built with --sparse off)")
+        bm25 = sparse_index.config_from_manifest(manifest["sparse"])
+        counts = sparse_index.load_shard_counts(root, manifest, shard)
+        statistics = sparse_index.load_statistics(root, manifest)
+        self._start(counts, statistics, bm25, manifest["sparse"]["shards"][shard]["first_position"], config)
+
+    @classmethod
+    def from_counts(cls, counts: sparse_index.TermCounts, statistics: sparse_index.GlobalStatistics, bm25: sparse_index.Bm25Config,
+                    first_position: int, config: SearchConfig) -> SparseShardSearcher:
+        """A searcher over term counts already in memory (tests, benchmarks)."""
+        searcher = cls.__new__(cls)
+        searcher._start(counts, statistics, bm25, first_position, config)
+        return searcher
+
+    def _start(self, counts, statistics, bm25, first_position: int, config: SearchConfig) -> None:
+        self.model = sparse_index.bm25_model(counts, statistics, bm25)
+        self.tokenize = sparse_index.Tokenizer(bm25)
+        self.first_position = int(first_position)
+        self.documents = counts.documents
+        self.config = config
+
+    def scores(self, query_terms: list[str]) -> np.ndarray:
+        """BM25 scores of every document of the shard for one tokenized query (bm25s: a repeated term counts twice)."""
+        ids = self.model.get_tokens_ids(query_terms)
+        if not ids or not self.documents:
+            return np.zeros(self.documents, dtype=np.float32)
+        return np.asarray(self.model.get_scores_from_ids(ids), dtype=np.float32)
+
+    def search(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """This shard's candidates for ``texts``: (global positions, scores), best first, padded."""
+        top_k = self.config.top_k
+        positions, scores = empty_candidates(len(texts), top_k)
+        for row, terms in enumerate(self.tokenize(texts)):
+            values = self.scores(terms)
+            matching = np.flatnonzero(values > 0)
+            if not len(matching):
+                continue
+            if len(matching) > top_k:
+                matching = matching[np.argpartition(-values[matching], top_k - 1)[:top_k]]
+            order = np.lexsort((matching, -values[matching]))
+            chosen = matching[order]
+            positions[row, : len(chosen)] = chosen + self.first_position
+            scores[row, : len(chosen)] = values[chosen]
+        return positions, scores
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        texts = [str(text) for text in batch["query_text"]]
+        if "sparse_positions" in batch:
+            positions, scores = batch["sparse_positions"], batch["sparse_scores"]
+        else:
+            positions, scores = empty_candidates(len(texts), self.config.top_k)
+        new_positions, new_scores = self.search(texts)
+        batch["sparse_positions"], batch["sparse_scores"] = merge_top_k(positions, scores, new_positions, new_scores, self.config.top_k)
+        return batch
+
+
+__all__ = ["SparseShardSearcher", "PADDING_POSITION"]
