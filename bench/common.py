@@ -113,8 +113,8 @@ def _read_qrels(path: Path) -> dict[str, dict[str, int]]:
     return qrels
 
 
-def load_scifact(folder: Path = SCIFACT) -> SciFact:
-    """Read SciFact from its folder (never copied): corpus, test queries and qrels, train queries."""
+def load_scifact(folder: Path = SCIFACT, split: str = "test") -> SciFact:
+    """Read SciFact (or another BEIR folder) from its folder (never copied): corpus, the ``split``'s queries and qrels, train queries."""
     from pipelines.documents import CorpusConfig, document_content
 
     config = CorpusConfig()
@@ -129,7 +129,10 @@ def load_scifact(folder: Path = SCIFACT) -> SciFact:
         for line in handle:
             record = json.loads(line)
             queries[str(record["_id"])] = record["text"]
-    qrels = _read_qrels(folder / "qrels" / "test.tsv")
+    if not (folder / "qrels" / f"{split}.tsv").exists():
+        found = sorted(path.stem for path in (folder / "qrels").glob("*.tsv"))
+        raise FileNotFoundError(f"{folder}: no qrels/{split}.tsv (splits there: {', '.join(found) or 'none'})")
+    qrels = _read_qrels(folder / "qrels" / f"{split}.tsv")
     train = _read_qrels(folder / "qrels" / "train.tsv") if (folder / "qrels" / "train.tsv").exists() else {}
     query_ids = sorted(qrels, key=lambda query_id: (len(query_id), query_id))
     return SciFact(

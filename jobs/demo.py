@@ -7,8 +7,10 @@ names and the report are labelled with the dataset folder's name.
 
 Everything it builds lives under --workdir (default ~/.cache/retrieval-pipelines/demo) and is reused
 by the next run: the index (its embeddings and finished version), the trained reranker (cached by
-its inputs and config), and the query runs. It prints first stage, reranked and fused quality, the
-lift in nDCG@10 and P@3, and the rerank-depth sweep; demo_report.json holds all of it.
+its inputs and config), and the query runs. It prints every stage's nDCG@10, P@3 and recall@100
+(the dense and BM25 retrievers and their fused first stage for a hybrid index, or the one first
+stage; reranked; fused), the lift in nDCG@10 and P@3 over the dense retriever (else the first
+stage), and the rerank-depth sweep; demo_report.json holds all of it.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from pathlib import Path
 from pipelines import index_store, storage
 from pipelines.cli import run_job
 from pipelines.config import config_to_dict, format_config, parse_config
-from pipelines.evaluation import RunEvaluator, format_metrics_table, read_qrels, read_run
+from pipelines.evaluation import STAGES, RunEvaluator, format_metrics_table, read_qrels, read_run, stage_label
 from pipelines.indexing import BuildIndexConfig, build_index, summary_table
 from pipelines.reranking import quantized_reranker_url
 from pipelines.retrieval import RetrieveRerankConfig, retrieve_and_rerank
@@ -65,8 +67,36 @@ def dataset_name(config: DemoConfig) -> str:
     return os.path.basename(os.path.normpath(config.dataset))
 
 
-def _lift(after: float, before: float) -> str:
-    return f"{100.0 * (after - before) / before:+.1f}%" if before else "n/a"
+LIFT_METRICS = ("ndcg@10", "p@3")
+
+
+def _lift_percent(after: float, before: float) -> float | None:
+    """The relative change in percent; None when there is nothing to compare against."""
+    return 100.0 * (after - before) / before if before else None
+
+
+def stage_lifts(results: dict) -> tuple[str, dict[str, dict[str, float | None]]]:
+    """(baseline, {stage: {metric: lift in percent}}) for every stage after the baseline: the dense
+    retriever when the run has that stage (a hybrid run), else the first stage."""
+    stages = [stage for stage in STAGES if stage in results]
+    baseline = "dense" if "dense" in stages else "first_stage"
+    later = stages[stages.index(baseline) + 1 :]
+    return baseline, {stage: {metric: _lift_percent(results[stage][metric], results[baseline][metric]) for metric in LIFT_METRICS} for stage in later}
+
+
+def stage_rows(results: dict) -> list[tuple[str, str]]:
+    """Summary rows: every stage's nDCG@10 / P@3 / R@100 in pipeline order, each followed by its lift
+    over the baseline of :func:`stage_lifts` (named in the label)."""
+    stages = [stage for stage in STAGES if stage in results]
+    baseline, lifts = stage_lifts(results)
+    rows = []
+    for stage in stages:
+        metrics, label = results[stage], stage_label(stage, stages).replace("_", " ")
+        rows.append((f"{label} nDCG@10 / P@3 / R@100", f"{metrics['ndcg@10']:.4f} / {metrics['p@3']:.4f} / {metrics['recall@100']:.4f}"))
+        if stage in lifts:
+            values = " / ".join("n/a" if lift is None else f"{lift:+.1f}%" for lift in lifts[stage].values())
+            rows.append((f"{label} lift over {stage_label(baseline, stages).replace('_', ' ')} nDCG@10 / P@3", values))
+    return rows
 
 
 def prepare_reranker(config: DemoConfig, workdir: str, index_url: str) -> str:
@@ -127,13 +157,8 @@ def run_demo(config: DemoConfig) -> dict:
     evaluator = RunEvaluator(read_qrels(test_qrels), depths=config.depths if query_config.rerank.enabled else ())
     results = evaluator(read_run(query_config.output))
     print(format_metrics_table({run_name: results}))
-    first = results["first_stage"]
-    rows = [("first stage nDCG@10 / P@3 / R@100", f"{first['ndcg@10']:.4f} / {first['p@3']:.4f} / {first['recall@100']:.4f}")]
-    for stage in ("reranked", "fused"):
-        if stage in results:
-            metrics = results[stage]
-            rows.append((f"{stage} nDCG@10 / P@3 / R@100", f"{metrics['ndcg@10']:.4f} / {metrics['p@3']:.4f} / {metrics['recall@100']:.4f}"))
-            rows.append((f"{stage} lift nDCG@10 / P@3", f"{_lift(metrics['ndcg@10'], first['ndcg@10'])} / {_lift(metrics['p@3'], first['p@3'])}"))
+    rows = stage_rows(results)
+    baseline, lifts = stage_lifts(results)
     if not query_config.rerank.enabled:
         rows.append(("reranker", "none: first stage only (--reranker train or a CrossEncoder path enables it)"))
     elif query_summary["reranker"] == "none":
@@ -158,10 +183,9 @@ def run_demo(config: DemoConfig) -> dict:
         "reranker": reranker,
         "query_job": {key: value for key, value in query_summary.items() if key != "config"},
         "metrics": results,
+        "lift_baseline": baseline,
         "lift_percent": {
-            stage: {metric: round(100.0 * (results[stage][metric] - first[metric]) / first[metric], 2) for metric in ("ndcg@10", "p@3")}
-            for stage in ("reranked", "fused")
-            if stage in results
+            stage: {metric: None if lift is None else round(lift, 2) for metric, lift in by_metric.items()} for stage, by_metric in lifts.items()
         },
         "wall_seconds": round(time.perf_counter() - started, 1),
     }

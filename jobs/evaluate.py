@@ -1,4 +1,4 @@
-"""Evaluate runs against BEIR qrels: every stage of each run (first stage, reranked, fused), and a rerank-depth sweep.
+"""Evaluate runs against BEIR qrels: every stage of each run (dense and sparse for a hybrid run, first stage, reranked, fused), and a rerank-depth sweep.
 
 Local:      python -m jobs.evaluate --qrels ../shared/datasets/scifact/qrels/test.tsv --run /tmp/run --depths 10,20,30,50 --output /tmp/evaluation.json
 On Ray:     ray job submit --working-dir . -- python -m jobs.evaluate --qrels s3://.../test.tsv --run s3://.../run --output s3://.../evaluation.json

@@ -3,9 +3,13 @@
 A run (Parquet at any fsspec URL: one file or a folder of ``part-*.parquet``) has one row per
 (query, candidate): ``query_id``, ``rank``, ``doc_id``, ``score``, ``first_stage_rank``,
 ``first_stage_score``, ``rerank_score`` (null where the candidate was not reranked) and optionally
-``fused_score``. From that one table each stage's ranking is rebuilt:
+``fused_score`` and each retriever's own ``dense_rank``/``dense_score``/``sparse_rank``/``sparse_score``
+(null where that retriever did not return the document; older runs lack them). From that one table
+each stage's ranking is rebuilt, in pipeline order:
 
-- ``first_stage``: by first_stage_rank;
+- ``dense``, ``sparse``: a hybrid run's (both retrievers present) candidates that retriever returned,
+  by its own rank; only for hybrid runs, where the first stage is their fusion;
+- ``first_stage``: by first_stage_rank (the fused first stage in hybrid mode);
 - ``reranked``: the reranked candidates by rerank_score (highest first), then the others in
   first-stage order; only when some rerank_score is set;
 - ``fused``: the candidates with a fused_score by it (highest first), then the others in first-stage
@@ -15,7 +19,8 @@ Ties go to the better first-stage rank, then the smaller doc_id, so every rankin
 
 The reranker scores each candidate on its own, so a run reranked to depth D also shows what any
 depth d <= D would have given: keep the rerank (and fused) scores of first_stage_rank <= d only
-(:func:`rerank_at_depth`). A depth sweep puts quality next to cost (pairs reranked per query).
+(:func:`rerank_at_depth`). A depth sweep puts quality next to cost (pairs reranked per query); the
+dense and sparse stages do not depend on it.
 
 Metrics come from ir_measures (pytrec_eval and friends), never by hand. It ranks by score, so each
 ranking is handed over with score = -position. Evaluation covers exactly the queries in the qrels:
@@ -41,7 +46,8 @@ from pipelines import storage
 from pipelines.config import config_to_dict
 from pipelines.runtime import format_table
 
-STAGES = ("first_stage", "reranked", "fused")
+STAGES = ("dense", "sparse", "first_stage", "reranked", "fused")
+STAGE_RANK_COLUMNS = {"dense": "dense_rank", "sparse": "sparse_rank"}
 STAGE_SCORE_COLUMNS = {"reranked": "rerank_score", "fused": "fused_score"}
 METRICS = {
     "ndcg@10": ir_measures.nDCG @ 10,
@@ -56,7 +62,8 @@ SWEEP_METRICS = ("ndcg@10", "p@3")
 COST_KEY = "pairs_per_query"
 
 # Column -> kind: "id" (string, required), "rank" (int >= 1, required), "score" (float, required),
-# "optional score" (float or null). NaN is refused everywhere: it has no place in a ranking.
+# "optional rank" (int >= 1 or null), "optional score" (float or null). NaN is refused everywhere:
+# it has no place in a ranking. Ranks are unique per query (nulls aside).
 RUN_COLUMNS = {
     "query_id": "id",
     "rank": "rank",
@@ -66,8 +73,15 @@ RUN_COLUMNS = {
     "first_stage_score": "score",
     "rerank_score": "optional score",
 }
-OPTIONAL_RUN_COLUMNS = {"fused_score": "optional score"}
-COLUMN_TYPES = {"id": pa.string(), "rank": pa.int64(), "score": pa.float64(), "optional score": pa.float64()}
+OPTIONAL_RUN_COLUMNS = {
+    "fused_score": "optional score",
+    "dense_rank": "optional rank",
+    "dense_score": "optional score",
+    "sparse_rank": "optional rank",
+    "sparse_score": "optional score",
+}
+RANK_COLUMNS = ("first_stage_rank", *STAGE_RANK_COLUMNS.values())
+COLUMN_TYPES = {"id": pa.string(), "rank": pa.int64(), "score": pa.float64(), "optional rank": pa.int64(), "optional score": pa.float64()}
 QRELS_FIELDS = ("query-id", "corpus-id", "score")
 
 
@@ -186,13 +200,15 @@ def _normalize_column(column: pa.ChunkedArray, name: str, kind: str, describe_ro
         "rank": pa.types.is_integer(found) or pa.types.is_floating(found),
         "score": pa.types.is_integer(found) or pa.types.is_floating(found) or pa.types.is_decimal(found),
     }
+    optional = kind.startswith("optional ")
+    allowed["optional rank"] = allowed["rank"] or pa.types.is_null(found)
     allowed["optional score"] = allowed["score"] or pa.types.is_null(found)
     if not allowed[kind]:
         raise RunError(f"{source}: field '{name}' has type {found}; expected {target}")
     null_row = _first_true(pc.is_null(column))
-    if null_row is not None and kind != "optional score":
+    if null_row is not None and not optional:
         raise RunError(f"{describe_row(null_row)}: field '{name}' is empty")
-    if kind == "rank":
+    if kind.endswith("rank"):
         if pa.types.is_floating(found):
             fractional = _first_true(pc.not_equal(column, pc.floor(column)))
             if fractional is not None:
@@ -211,7 +227,7 @@ def _normalize_column(column: pa.ChunkedArray, name: str, kind: str, describe_ro
 
 
 def _check_unique(table: pa.Table, keys: tuple[str, str], describe_row: Callable[[int], str]) -> None:
-    """Raise if two rows share the values of ``keys``, naming both rows."""
+    """Raise if two rows share the values of ``keys`` (nulls never match), naming both rows."""
     if table.num_rows < 2:
         return
     order = pc.sort_indices(table, sort_keys=[(key, "ascending") for key in keys])
@@ -232,9 +248,17 @@ def _check_unique(table: pa.Table, keys: tuple[str, str], describe_row: Callable
     )
 
 
+def _check_unique_per_query(table: pa.Table, describe_row: Callable[[int], str]) -> None:
+    """Each document, first-stage rank and retriever rank at most once per query."""
+    for column in ("doc_id", *RANK_COLUMNS):
+        if column in table.column_names:
+            _check_unique(table, ("query_id", column), describe_row)
+
+
 def validate_run(table: pa.Table, source: str = "run", describe_row: Callable[[int], str] | None = None) -> pa.Table:
     """The run's columns, cast to their types and checked: required columns, no empty ids, ranks or scores,
-    no NaN, ranks >= 1, each document and each first-stage rank once per query. Other columns are dropped."""
+    no NaN, ranks >= 1, each document, first-stage rank and retriever rank once per query. Other columns
+    are dropped."""
     describe_row = describe_row or (lambda row: f"{source}, row {row}")
     missing = [name for name in RUN_COLUMNS if name not in table.column_names]
     if missing:
@@ -244,8 +268,7 @@ def validate_run(table: pa.Table, source: str = "run", describe_row: Callable[[i
         )
     columns = {**RUN_COLUMNS, **{name: kind for name, kind in OPTIONAL_RUN_COLUMNS.items() if name in table.column_names}}
     normalized = pa.table({name: _normalize_column(table[name], name, kind, describe_row, source) for name, kind in columns.items()})
-    _check_unique(normalized, ("query_id", "doc_id"), describe_row)
-    _check_unique(normalized, ("query_id", "first_stage_rank"), describe_row)
+    _check_unique_per_query(normalized, describe_row)
     return normalized
 
 
@@ -276,11 +299,15 @@ def read_run(url: str) -> pa.Table:
     """
     files = list_run_files(url)
     tables = [_read_run_file(file) for file in files]
-    if any("fused_score" in table.column_names for table in tables):
-        tables = [
-            table if "fused_score" in table.column_names else table.append_column("fused_score", pa.nulls(table.num_rows, pa.float64()))
-            for table in tables
-        ]
+    # An optional column some parts lack is null there; every part gets the same columns in the same order.
+    optional = {name: COLUMN_TYPES[kind] for name, kind in OPTIONAL_RUN_COLUMNS.items() if any(name in table.column_names for table in tables)}
+    tables = [
+        pa.table({
+            **{name: table[name] for name in RUN_COLUMNS},
+            **{name: table[name] if name in table.column_names else pa.nulls(table.num_rows, kind) for name, kind in optional.items()},
+        })
+        for table in tables
+    ]
     run = pa.concat_tables(tables)
     if len(files) > 1:
         starts = []
@@ -293,8 +320,7 @@ def read_run(url: str) -> pa.Table:
             index = max(i for i, start in enumerate(starts) if start <= row)
             return f"{files[index]}, row {row - starts[index]}"
 
-        _check_unique(run, ("query_id", "doc_id"), describe_row)
-        _check_unique(run, ("query_id", "first_stage_rank"), describe_row)
+        _check_unique_per_query(run, describe_row)
     return run
 
 
@@ -302,19 +328,42 @@ def read_run(url: str) -> pa.Table:
 # Stages and depths
 
 
+def _has_values(run: pa.Table, column: str) -> bool:
+    return column in run.column_names and run[column].null_count < run.num_rows
+
+
+def is_hybrid(run: pa.Table) -> bool:
+    """Whether the first stage fused two retrievers: both dense_rank and sparse_rank have values."""
+    return all(_has_values(run, column) for column in STAGE_RANK_COLUMNS.values())
+
+
+def rescored_stages(run: pa.Table) -> list[str]:
+    """The stages that rescore first-stage candidates (reranked, fused) the run holds: what a rerank depth varies."""
+    return [stage for stage, column in STAGE_SCORE_COLUMNS.items() if _has_values(run, column)]
+
+
 def available_stages(run: pa.Table) -> list[str]:
-    """The stages a run holds, in pipeline order: always first_stage; reranked and fused when scored."""
-    stages = ["first_stage"]
-    for stage, column in STAGE_SCORE_COLUMNS.items():
-        if column in run.column_names and run[column].null_count < run.num_rows:
-            stages.append(stage)
-    return stages
+    """The stages a run holds, in pipeline order: dense and sparse for a hybrid run, always first_stage,
+    then reranked and fused when scored."""
+    return [*(STAGE_RANK_COLUMNS if is_hybrid(run) else ()), "first_stage", *rescored_stages(run)]
+
+
+def stage_label(stage: str, stages: Sequence[str]) -> str:
+    """A stage's name in tables: the first stage of a run that also has dense and sparse stages is "first_stage (hybrid)"."""
+    return "first_stage (hybrid)" if stage == "first_stage" and all(name in stages for name in STAGE_RANK_COLUMNS) else stage
 
 
 def stage_ranking(run: pa.Table, stage: str) -> dict[str, list[str]]:
     """One stage's ranking: {query_id: [doc_id, best first]} (see the module docstring for the orders)."""
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r} (known: {', '.join(STAGES)})")
+    if stage in STAGE_RANK_COLUMNS:
+        column = STAGE_RANK_COLUMNS[stage]
+        if column not in run.column_names:
+            raise ValueError(f"the run has no stage {stage!r}: no column '{column}'")
+        run = run.filter(pc.is_valid(run[column]))  # only what that retriever returned, by its own (unique) rank
+        order = pc.sort_indices(run, sort_keys=[("query_id", "ascending"), (column, "ascending")])
+        return _ranking(run, order)
     keys = {"query_id": run["query_id"]}
     sort_keys = [("query_id", "ascending")]
     if stage != "first_stage":
@@ -328,7 +377,11 @@ def stage_ranking(run: pa.Table, stage: str) -> dict[str, list[str]]:
     keys["first_stage_rank"] = run["first_stage_rank"]
     keys["doc_id"] = run["doc_id"]
     sort_keys += [("first_stage_rank", "ascending"), ("doc_id", "ascending")]
-    order = pc.sort_indices(pa.table(keys), sort_keys=sort_keys)
+    return _ranking(run, pc.sort_indices(pa.table(keys), sort_keys=sort_keys))
+
+
+def _ranking(run: pa.Table, order: pa.Array) -> dict[str, list[str]]:
+    """{query_id: [doc_id, ...]} from the run's rows taken in ``order``."""
     ranking: dict[str, list[str]] = {}
     for query_id, doc_id in zip(run["query_id"].take(order).to_pylist(), run["doc_id"].take(order).to_pylist()):
         ranking.setdefault(query_id, []).append(doc_id)
@@ -369,7 +422,7 @@ def rerank_at_depth(run: pa.Table, depth: int) -> pa.Table:
     """
     if depth < 1:
         raise DepthError(f"rerank depth must be at least 1, not {depth}")
-    stages = available_stages(run)[1:]
+    stages = rescored_stages(run)
     if not stages:
         raise DepthError("the run holds no rerank or fused scores: there is no rerank depth to vary")
     within = pc.less_equal(run["first_stage_rank"], depth)
@@ -444,7 +497,7 @@ class RunEvaluator:
 
     def depth_sweep(self, run: pa.Table) -> dict[str, dict[int, dict[str, float] | None]]:
         """{stage: {depth: metrics with the pairs_per_query cost, or None when deeper than the run was reranked}}."""
-        stages = available_stages(run)[1:]
+        stages = rescored_stages(run)
         sweep: dict[str, dict[int, dict[str, float] | None]] = {stage: {} for stage in stages}
         if not stages:
             return sweep
@@ -483,15 +536,16 @@ class RunEvaluator:
 
 
 def format_metrics_table(results_by_run: dict[str, dict[str, Any]]) -> str:
-    """Readable tables of :class:`RunEvaluator` results keyed by run name: one row per run and stage,
-    one column per metric; then, when a sweep was run, nDCG@10, P@3 and the cost per rerank depth."""
+    """Readable tables of :class:`RunEvaluator` results keyed by run name: one row per run and stage
+    (see :func:`stage_label`), one column per metric; then, when a sweep was run, nDCG@10, P@3 and the
+    cost per rerank depth."""
     header = ["run", "stage", "queries", *METRICS]
     rows = []
     for name, results in results_by_run.items():
         queries = results["queries"]
         for stage in STAGES:
             if stage in results:
-                rows.append([name, stage, f"{queries['with_results']}/{queries['judged']}", *(f"{results[stage][metric]:.4f}" for metric in METRICS)])
+                rows.append([name, stage_label(stage, list(results)), f"{queries['with_results']}/{queries['judged']}", *(f"{results[stage][metric]:.4f}" for metric in METRICS)])
     title = "metrics (mean over all judged queries; queries = judged queries with results / judged queries, the others score 0)"
     tables = [format_table(rows, title, headers=header, left_columns=2)]
 

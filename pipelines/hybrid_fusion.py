@@ -115,3 +115,56 @@ def first_stage(batch: dict[str, np.ndarray], mode: str, top_k: int, method: str
     for transient in ("sparse_positions", "sparse_scores", "query_embedding"):
         batch.pop(transient, None)
     return batch
+
+
+DEFAULT_DENSE_WEIGHT = 0.5
+
+
+def retriever_lists(run) -> dict[str, tuple[list[str], np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+    """Each query's dense and BM25 lists from a hybrid run table (the query job's output columns).
+
+    Returns {query: (doc ids, dense positions, dense scores, sparse positions, sparse scores)}, positions
+    indexing the query's doc ids, each list best first, as the query job fused them.
+    """
+    import pyarrow.compute as pc
+
+    table = run.select(["query_id", "doc_id", "dense_rank", "dense_score", "sparse_rank", "sparse_score"]).sort_by([("query_id", "ascending"), ("doc_id", "ascending")])
+    lists = {}
+    query_ids = table["query_id"].to_numpy(zero_copy_only=False)
+    bounds = np.flatnonzero(np.r_[True, query_ids[1:] != query_ids[:-1], True])
+    docs = table["doc_id"].to_pylist()
+    columns = {name: pc.fill_null(table[name], 0).to_numpy() for name in ("dense_rank", "sparse_rank")}
+    columns.update({name: pc.fill_null(table[name], np.nan).to_numpy() for name in ("dense_score", "sparse_score")})
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        ranks = {name: columns[name][start:end] for name in ("dense_rank", "sparse_rank")}
+        found = {name: np.flatnonzero(ranks[f"{name}_rank"] > 0) for name in ("dense", "sparse")}
+        ordered = {name: found[name][np.argsort(ranks[f"{name}_rank"][found[name]])] for name in found}
+        lists[str(query_ids[start])] = (
+            docs[start:end],
+            ordered["dense"], columns["dense_score"][start:end][ordered["dense"]],
+            ordered["sparse"], columns["sparse_score"][start:end][ordered["sparse"]],
+        )
+    return lists
+
+
+def refuse(lists: dict, dense_weight: float, method: str = "weighted", rrf_k: int = 60) -> tuple[dict[str, list[str]], dict[str, np.ndarray]]:
+    """Every query's candidates and first-stage scores fused again with ``dense_weight`` (see :func:`fuse_lists`)."""
+    candidates, scores = {}, {}
+    for query, (docs, dense_at, dense_scores, sparse_at, sparse_scores) in lists.items():
+        fused = fuse_lists(dense_at, dense_scores, sparse_at, sparse_scores, method=method, dense_weight=dense_weight, rrf_k=rrf_k)
+        candidates[query] = [docs[position] for position in fused["positions"]]
+        scores[query] = fused["scores"]
+    return candidates, scores
+
+
+def fit_dense_weight(lists: dict, ndcg_at_10, grid: int = 21) -> tuple[float, float]:
+    """The weighted fusion's dense weight in [0, 1] with the best ``ndcg_at_10(candidates)`` on dev; returns (weight, nDCG@10).
+
+    Ties go to the weight nearest the default 0.5, so a flat dev set keeps the default.
+    """
+    results = []
+    for weight in np.linspace(0.0, 1.0, grid):
+        candidates, _ = refuse(lists, float(weight))
+        results.append((round(float(ndcg_at_10(candidates)), 6), -abs(float(weight) - DEFAULT_DENSE_WEIGHT), round(float(weight), 4)))
+    best = max(results)
+    return best[2], best[0]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import json
 import time
 from dataclasses import dataclass, field
 from collections.abc import Iterator
@@ -35,6 +36,7 @@ from pipelines.embedding import EmbeddingConfig, plan_embedding_pool
 from pipelines.models import check_model_reference
 from pipelines.reranking import CrossEncoderScorer, RerankConfig, rank_candidates, read_serving_card
 from pipelines.runtime import ensure_ray, format_table, resolve_broadcast, worker_visible
+from pipelines.hybrid_fusion import candidate_width, resolve_search_mode
 from pipelines.shard_search import QueryEncoder, SearchConfig, ShardSearcher, quantized_encoder_url, query_embedding_config
 
 
@@ -119,10 +121,14 @@ def reranker_serving(rerank: RerankConfig, corpus_fingerprint: str) -> dict[str,
     nDCG@10 by 6%), so the first stage is served alone unless ``foreign_corpus`` is ``fuse``.
     ``notes`` holds what the run report should say: the fitting data, and a warning for a foreign corpus.
     """
-    result: dict[str, Any] = {"model": rerank.model, "fusion_weight": None, "fitted_on": None, "trained_on": None, "notes": []}
+    result: dict[str, Any] = {"model": rerank.model, "fusion_weight": None, "fitted_on": None, "trained_on": None, "dense_weight": None, "notes": []}
     if not rerank.enabled:
         return result
     card = read_serving_card(rerank.model)
+    if card is not None and (card.get("first_stage") or {}).get("mode") == "hybrid":
+        trained = (card.get("trained_on") or {}).get("corpus_fingerprint")
+        if not trained or trained == corpus_fingerprint:
+            result["dense_weight"] = card["first_stage"]["dense_weight"]
     if card is None:
         if rerank.fusion != "off":
             result["notes"].append(f"reranker {rerank.model} has no fusion weight (fusion.json): ranking by its scores alone")
@@ -151,6 +157,15 @@ def reranker_serving(rerank: RerankConfig, corpus_fingerprint: str) -> dict[str,
     return result
 
 
+def hybrid_dense_weight(search: SearchConfig, serving: dict[str, Any]) -> float:
+    """The weighted fusion's dense weight: the one given, else the one fitted with the served reranker's corpus, else 0.5."""
+    from pipelines.hybrid_fusion import DEFAULT_DENSE_WEIGHT
+
+    if search.dense_weight >= 0:
+        return search.dense_weight
+    return serving.get("dense_weight") if serving.get("dense_weight") is not None else DEFAULT_DENSE_WEIGHT
+
+
 def _queries_to_run(batch: pa.Table, order_keys, rows_per_block: int) -> Iterator[pa.Table]:
     """The pending queries of a batch, in small blocks so they stream and spread over every actor.
 
@@ -164,6 +179,7 @@ def _queries_to_run(batch: pa.Table, order_keys, rows_per_block: int) -> Iterato
 
 
 RUN_IDENTITY_FILE = "run_identity.json"
+QUERY_IDS_METADATA = b"query_ids"  # every query of a part, rows or not (Parquet schema metadata)
 
 
 class OutputMismatchError(ValueError):
@@ -252,6 +268,9 @@ def finished_query_ids(output_url: str) -> set[str]:
         if repeated:
             raise OutputMismatchError(f"{part}: query {sorted(repeated)[0]} is also in another part; the folder was not written by this job: use --overwrite")
         done.update(ids)
+        recorded = (table.schema.metadata or {}).get(QUERY_IDS_METADATA)
+        if recorded:
+            done.update(json.loads(recorded))
     return done
 
 
@@ -261,7 +280,10 @@ def rank_and_write(batch: dict[str, np.ndarray], doc_ids, fusion_weight: float |
     Ranking and writing in one step keeps every query's rows in one atomically written part, so a
     killed job leaves whole queries only, and resume never counts a half-written query as done.
     """
-    return storage.write_parquet_part(rank_candidates(batch, doc_ids, fusion_weight), output_url)
+    table = rank_candidates(batch, doc_ids, fusion_weight)
+    # A query with no candidate (no BM25 match in sparse mode) has no rows: the part names it as done anyway.
+    table = table.replace_schema_metadata({QUERY_IDS_METADATA: json.dumps([str(query) for query in batch["query_id"]]).encode()})
+    return storage.write_parquet_part(table, output_url)
 
 
 def retrieve_and_rerank(config: RetrieveRerankConfig) -> dict[str, Any]:
@@ -269,6 +291,7 @@ def retrieve_and_rerank(config: RetrieveRerankConfig) -> dict[str, Any]:
     if config.rerank.enabled:
         check_model_reference(config.rerank.model, "--reranker")
     manifest = index_store.read_manifest(config.index, config.version or None)
+    resolve_search_mode(config.search.mode, manifest)  # a mode the version cannot serve fails before the output is claimed
     with (
         worker_visible(config.index) as index_url,
         worker_visible(config.queries) as queries_url,
@@ -315,7 +338,7 @@ def build_query_flow(queries, config: RetrieveRerankConfig, rerank: RerankConfig
     BM25 searcher per shard → the fused first stage (``search.mode``) → reranker."""
     import ray
 
-    from pipelines.hybrid_fusion import first_stage, resolve_search_mode
+    from pipelines.hybrid_fusion import first_stage
     from pipelines.sparse_search import SparseShardSearcher
 
     resources = ray.cluster_resources()
@@ -397,6 +420,7 @@ def _retrieve_and_rerank(config, manifest, index_url, queries_url, corpus_url, o
     for line in serving["notes"]:
         print(line, flush=True)
     rerank = dataclasses.replace(config.rerank, model=serving["model"])
+    config = dataclasses.replace(config, search=dataclasses.replace(config.search, dense_weight=hybrid_dense_weight(config.search, serving)))
 
     queries = select_pending_queries(config, queries_url, output_url, run_identity(config, version_id, serving))
     pipeline_started = time.perf_counter()
@@ -406,7 +430,8 @@ def _retrieve_and_rerank(config, manifest, index_url, queries_url, corpus_url, o
             _queries_to_run, fn_args=(ray.put(queries.pending["order_key"].combine_chunks()), _rows_per_block(config, rerank)), batch_format="pyarrow", num_cpus=0.25
         )
         flow = build_query_flow(rows, config, rerank, manifest, index_url, corpus_url, doc_ids)
-        written_rows = write_run(flow, doc_ids, serving["fusion_weight"], output_url, max(1, config.rows_per_part // config.search.top_k))
+        width = candidate_width(resolve_search_mode(config.search.mode, manifest), config.search.top_k)
+        written_rows = write_run(flow, doc_ids, serving["fusion_weight"], output_url, max(1, config.rows_per_part // width))
     pipeline_seconds = time.perf_counter() - pipeline_started
     queries_run = queries.pending.num_rows
     pairs = queries_run * min(rerank.depth, config.search.top_k) if rerank.enabled else 0
@@ -424,6 +449,8 @@ def _retrieve_and_rerank(config, manifest, index_url, queries_url, corpus_url, o
         "rerank_depth": rerank.depth if rerank.enabled else 0,
         "fusion_weight": serving["fusion_weight"],
         "fusion_fitted_on": serving["fitted_on"],
+        "search_mode": resolve_search_mode(config.search.mode, manifest),
+        "dense_weight": config.search.dense_weight,
         "reranker_trained_on": serving["trained_on"],
         "reranker_notes": serving["notes"],
         "pairs_reranked": pairs,
@@ -445,6 +472,7 @@ def summary_table(summary: dict[str, Any]) -> str:
         ("queries run now", summary["queries_run"]),
         ("queries already done", summary["queries_reused"]),
         ("rows written", summary["rows_written"]),
+        ("first stage", summary["search_mode"] + (f" (dense weight {summary['dense_weight']})" if summary["search_mode"] == "hybrid" else "")),
         ("reranker", summary["reranker"]),
         ("rerank depth", summary["rerank_depth"]),
         ("queries/s", float(summary["queries_per_second"])),

@@ -31,7 +31,8 @@ class SearchConfig:
     top_k: int = field(default=100, metadata={"help": "candidates per query from each retriever (hybrid: the union of both top-K lists)"})
     mode: str = field(default="auto", metadata={"help": "dense, sparse (BM25), hybrid (both, fused), or auto: hybrid when the index has a BM25 part"})
     hybrid_fusion: str = field(default="weighted", metadata={"help": "weighted (min-max normalized scores) or rrf (reciprocal ranks)"})
-    dense_weight: float = field(default=0.5, metadata={"help": "weighted fusion: the dense retriever's weight (BM25 gets 1 - it)"})
+    dense_weight: float = field(default=-1.0, metadata={"help": "weighted fusion: the dense retriever's weight, BM25 gets 1 - it; -1 = the weight jobs.train_reranker "
+                                                                  "fitted on dev (the reranker's fusion.json, on its own corpus), else 0.5"})
     rrf_k: int = 60
     exact_rescoring: bool = field(default=True, metadata={"help": "re-score candidates against stored float32 vectors (not needed, so skipped, for exact indexes such as Flat)"})
     rescoring_candidates: int = field(default=0, metadata={"help": "approximate candidates per shard to re-score (0 = 5 x top-k: recall@100 0.970 at 1M vectors with IVF4096,PQ192x4fs, bench.index)"})
@@ -46,8 +47,8 @@ class SearchConfig:
             raise ValueError(f"--search.mode {self.mode}: choose dense, sparse, hybrid or auto")
         if self.hybrid_fusion not in ("weighted", "rrf"):
             raise ValueError(f"--search.hybrid-fusion {self.hybrid_fusion}: choose weighted or rrf")
-        if not 0.0 <= self.dense_weight <= 1.0:
-            raise ValueError(f"--search.dense-weight {self.dense_weight}: must be in [0, 1]")
+        if not (0.0 <= self.dense_weight <= 1.0 or self.dense_weight == -1.0):
+            raise ValueError(f"--search.dense-weight {self.dense_weight}: must be in [0, 1] (or -1: fitted with the reranker, else 0.5)")
         if self.rescoring_candidates and self.rescoring_candidates < self.top_k:
             raise ValueError(f"--rescoring-candidates {self.rescoring_candidates}: must be at least --top-k {self.top_k} (or 0)")
 

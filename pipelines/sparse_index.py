@@ -49,6 +49,13 @@ class Bm25Config:
     def validate(self) -> None:
         if self.k1 < 0 or not 0.0 <= self.b <= 1.0:
             raise ValueError(f"--bm25.k1 {self.k1} must be >= 0 and --bm25.b {self.b} in [0, 1]")
+        if self.stopwords != "none":
+            import bm25s
+
+            try:
+                bm25s.tokenize(["probe"], stopwords=self.stopwords, return_ids=False, show_progress=False)
+            except ValueError as error:
+                raise ValueError(f"--bm25.stopwords {self.stopwords}: {error}") from None
         if self.stemmer != "none":
             import Stemmer
 
@@ -98,22 +105,21 @@ class TermCounts:
 
     @classmethod
     def from_tokens(cls, tokens: list[list[str]]) -> TermCounts:
-        flat = [term for document in tokens for term in document]
-        terms, inverse = np.unique(np.asarray(flat, dtype=object).astype(str) if flat else np.zeros(0, dtype=str), return_inverse=True)
         lengths = np.array([len(document) for document in tokens], dtype=np.int64)
-        indptr, indices, counts = [0], [], []
-        start = 0
-        for length in lengths:
-            ids, per_term = np.unique(inverse[start : start + length], return_counts=True)
-            indices.append(ids)
-            counts.append(per_term)
-            indptr.append(indptr[-1] + len(ids))
-            start += length
+        vocabulary: dict[str, int] = {}
+        first_seen = np.fromiter((vocabulary.setdefault(term, len(vocabulary)) for document in tokens for term in document), dtype=np.int64, count=int(lengths.sum()))
+        names = list(vocabulary)
+        order = sorted(range(len(names)), key=names.__getitem__)  # code-point order, as np.unique sorts strings
+        rank = np.empty(len(names), dtype=np.int64)
+        rank[order] = np.arange(len(names))
+        size = max(1, len(names))
+        keys, counts = np.unique(np.repeat(np.arange(len(tokens), dtype=np.int64), lengths) * size + rank[first_seen], return_counts=True)
+        documents = keys // size
         return cls(
-            terms=terms,
-            indptr=np.asarray(indptr, dtype=np.int64),
-            indices=np.concatenate(indices).astype(np.int32) if indices else np.zeros(0, np.int32),
-            counts=np.concatenate(counts).astype(np.int32) if counts else np.zeros(0, np.int32),
+            terms=np.asarray([names[number] for number in order], dtype=str),
+            indptr=np.concatenate([[0], np.cumsum(np.bincount(documents, minlength=len(tokens)))]).astype(np.int64),
+            indices=(keys % size).astype(np.int32),
+            counts=counts.astype(np.int32),
             lengths=lengths,
         )
 

@@ -60,9 +60,10 @@ class SparseShardSearcher:
             matching = np.flatnonzero(values > 0)
             if not len(matching):
                 continue
-            if len(matching) > top_k:
-                matching = matching[np.argpartition(-values[matching], top_k - 1)[:top_k]]
-            order = np.lexsort((matching, -values[matching]))
+            if len(matching) > top_k:  # keep every document tied with the K-th score: smaller positions win below
+                kth = np.partition(values[matching], len(matching) - top_k)[len(matching) - top_k]
+                matching = matching[values[matching] >= kth]
+            order = np.lexsort((matching, -values[matching]))[:top_k]
             chosen = matching[order]
             positions[row, : len(chosen)] = chosen + self.first_position
             scores[row, : len(chosen)] = values[chosen]

@@ -552,6 +552,30 @@ class TrainRerankerConfig:
         require_at_least(self, {"fusion_depth": 1, "calibration_pairs": 1, "int8_tolerance": 0.0})
 
 
+def fit_hybrid_first_stage(mining_url: str, dev_qrels: dict[str, dict[str, int]]) -> dict[str, Any] | None:
+    """For a hybrid index: the dense weight of the first stage's fusion fitted on the dev queries, and every
+    mined query's candidates fused again with it (what training, dev evaluation and serving then see).
+
+    None when the mining run is not hybrid (an index without a BM25 part, or --search.mode dense).
+    """
+    import pyarrow as pa
+
+    from pipelines import storage
+    from pipelines.evaluation import RunEvaluator
+    from pipelines.hybrid_fusion import fit_dense_weight, refuse, retriever_lists
+
+    run = pa.concat_tables([storage.read_parquet(part) for part in storage.list_files(mining_url, ".parquet")], promote_options="default")
+    if "sparse_rank" not in run.column_names or run["sparse_rank"].null_count == run.num_rows or run["dense_rank"].null_count == run.num_rows:
+        return None
+    lists = retriever_lists(run)
+    evaluator = RunEvaluator(dev_qrels)
+    dev_lists = {q: lists[q] for q in dev_qrels if q in lists}
+    weight, dev_ndcg = fit_dense_weight(dev_lists, lambda ranking: evaluator.evaluate_ranking(ranking)["ndcg@10"])
+    candidates, scores = refuse(lists, weight)
+    print(f"hybrid first stage: dense weight {weight} fitted on {len(dev_lists)} dev queries (nDCG@10 {dev_ndcg:.4f})", flush=True)
+    return {"dense_weight": weight, "dev_ndcg@10": dev_ndcg, "dev_queries": len(dev_lists), "candidates": candidates, "first_stage_scores": scores}
+
+
 def _first_stage(run) -> tuple[dict[str, list[str]], dict[str, np.ndarray]]:
     table = run.sort_by([("query_id", "ascending"), ("first_stage_rank", "ascending")])
     candidates: dict[str, list[str]] = {}
@@ -639,6 +663,9 @@ def train_reranker(config: TrainRerankerConfig) -> dict[str, Any]:
         retrieve_and_rerank(mining)
         candidates, first_scores = _first_stage(read_run(mining_url))
         train_ids, dev_ids = split_dev_queries(sorted(candidates), training.dev_queries, training.seed)
+        hybrid = fit_hybrid_first_stage(mining_url, {q: qrels[q] for q in dev_ids})
+        if hybrid:
+            candidates, first_scores = hybrid.pop("candidates"), hybrid.pop("first_stage_scores")
         # 2. Texts of every candidate and query involved (read from the corpus and the query log).
         needed = sorted({doc for q in candidates for doc in candidates[q]})
         with worker_visible(manifest["corpus"]["url"]) as corpus_url:
@@ -686,8 +713,10 @@ def train_reranker(config: TrainRerankerConfig) -> dict[str, Any]:
             "corpus_fingerprint": index_store.corpus_fingerprint(index_store.load_doc_ids(config.index, manifest)),
         }
         fitted_on = f"{len(dev_ids)} training queries of {config.qrels} held out from training (seed {training.seed}), reranked to depth {config.fusion_depth}"
+        first_stage = {"mode": "hybrid", **hybrid, "fitted_on": fitted_on} if hybrid else {"mode": "dense"}
         write_serving_card(trained["model_folder"], {"weight": weight, "mode": decision["mode"], "message": decision["message"], "fitted_on": fitted_on,
-                                                     "dev": dev_metrics, "trained_on": trained_on, "dev_ndcg@10": dev_metrics["fused"]["ndcg@10"]})
+                                                     "dev": dev_metrics, "trained_on": trained_on, "dev_ndcg@10": dev_metrics["fused"]["ndcg@10"],
+                                                     "first_stage": first_stage})
 
         # 5. int8 export for CPU serving, calibrated on training pairs, kept only if dev quality holds.
         int8: dict[str, Any] = {"kept": False, "reason": "disabled (--int8 false)"}
@@ -718,6 +747,7 @@ def train_reranker(config: TrainRerankerConfig) -> dict[str, Any]:
             "plan_reused": plan_reused,
             "training_lists": len(lists),
             "fusion_weight": weight,
+            "first_stage": first_stage,
             "serving": decision,
             "fitted_on": fitted_on,
             "trained_on": trained_on,

@@ -106,7 +106,8 @@ def test_a_rerun_into_an_output_of_another_configuration_fails_unless_overwrite(
     summary = main(["--index", str(damaged_corpus_index.root), "--queries", query_log, "--output", str(output), "--top-k", "10", "--overwrite"])
     assert summary["queries_run"] == 24
     table = read_run(str(output))
-    assert table.num_rows == 24 * 10 and pc.max(table["rank"]).as_py() == 10
+    per_query = table.group_by("query_id").aggregate([("rank", "max")])["rank_max"]
+    assert per_query.length() == 24 and pc.min(per_query).as_py() >= 10 and pc.max(per_query).as_py() <= 20  # hybrid: the union of two top-10 lists
 
 
 def test_an_output_folder_with_foreign_parts_is_not_resumed(damaged_corpus_index, query_log, tmp_path):

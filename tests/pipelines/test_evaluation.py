@@ -6,6 +6,12 @@ The toy qrels and run used throughout (all judgments binary):
     run     q1 first stage: d2 d1 d4 d3   rerank scores d2 .1, d1 .9, d4 .5, d3 .7  -> reranked d1 d3 d4 d2
             q2 first stage: d6 d7 d5      rerank scores d6 .2, d7 .3, d5 .8         -> reranked d5 d7 d6
             q4 (not judged): ignored
+
+A hybrid run (dense + BM25, fused first stage; ranks per retriever, None = that retriever missed it):
+
+    qrels   h1: s9 relevant (only BM25 found it)   h2: e3 relevant
+    run     h1 fused: d2 d1 s9 d3   dense d1 d2 d3   sparse s9 d2 d1   rerank d2 .2, d1 .1, s9 .9 (depth 3)
+            h2 fused: e2 e1 e3      dense e3 e1      sparse e2 e3      rerank e2 .5, e1 .6, e3 .1
 """
 
 from __future__ import annotations
@@ -81,6 +87,28 @@ def make_run(candidates: dict[str, list[tuple]], fused: dict[str, list[float | N
     if fused is not None:
         table = table.append_column("fused_score", pa.array(fused_scores, pa.float64()))
     return table
+
+
+HYBRID_QRELS = {"h1": {"s9": 1}, "h2": {"e3": 1}}
+# {query: [(doc_id, dense_rank, sparse_rank, rerank_score), ...] in fused first-stage order}
+HYBRID = {
+    "h1": [("d2", 2, 2, 0.2), ("d1", 1, 3, 0.1), ("s9", None, 1, 0.9), ("d3", 3, None, None)],
+    "h2": [("e2", None, 1, 0.5), ("e1", 2, None, 0.6), ("e3", 1, 2, 0.1)],
+}
+# nDCG@10 with one relevant document at position p is 1/log2(p + 1), averaged over h1 and h2.
+# dense: s9 never retrieved (0), e3 at 1. sparse: s9 at 1, e3 at 2. first stage: s9 at 3, e3 at 3.
+# reranked: h1 s9 d2 d1 d3 (s9 at 1); h2 e1 e2 e3 (e3 at 3).
+HYBRID_NDCG = {"dense": (0 + 1) / 2, "sparse": (1 + 1 / log2(3)) / 2, "first_stage": 0.5, "reranked": (1 + 0.5) / 2}
+
+
+def make_hybrid_run(candidates: dict[str, list[tuple]], sparse: bool = True, dense: bool = True) -> pa.Table:
+    """A run table with per-retriever columns from :data:`HYBRID`-style rows; a retriever switched off is all null."""
+    run = make_run({query_id: [(doc_id, rerank) for doc_id, _, _, rerank in rows] for query_id, rows in candidates.items()})
+    for name, position, enabled in (("dense", 1, dense), ("sparse", 2, sparse)):
+        ranks = [row[position] if enabled else None for rows in candidates.values() for row in rows]
+        run = run.append_column(f"{name}_rank", pa.array(ranks, pa.int32()))
+        run = run.append_column(f"{name}_score", pa.array([None if rank is None else 10.0 - rank for rank in ranks], pa.float32()))
+    return run
 
 
 def write_qrels(path, lines: list[str]) -> str:
@@ -239,3 +267,87 @@ def test_job_end_to_end(tmp_path, capsys):
     assert report["runs"][str(reranked_run)]["depth_sweep"]["reranked"][2]["p@3"] == pytest.approx(DEPTH_2["p@3"])
     printed = capsys.readouterr().out
     assert "effective config:" in printed and "rerank depth sweep" in printed and "1 of 3 judged queries have no results" in printed
+
+
+def test_hybrid_run_has_dense_and_sparse_stages_by_their_own_ranks():
+    run = make_hybrid_run(HYBRID)
+    assert evaluation.available_stages(run) == ["dense", "sparse", "first_stage", "reranked"]
+    rankings = evaluation.stage_rankings(run)
+    assert rankings["dense"] == {"h1": ["d1", "d2", "d3"], "h2": ["e3", "e1"]}
+    assert rankings["sparse"] == {"h1": ["s9", "d2", "d1"], "h2": ["e2", "e3"]}
+    assert rankings["first_stage"]["h1"] == ["d2", "d1", "s9", "d3"]
+    # s9 only BM25 found, e1 only the dense retriever: each in its retriever's stage and every fused one.
+    assert "s9" not in rankings["dense"]["h1"] and "e1" not in rankings["sparse"]["h2"]
+    assert "s9" in rankings["reranked"]["h1"] and "e1" in rankings["first_stage"]["h2"]
+
+    results = RunEvaluator(HYBRID_QRELS, depths=(1, 2))(run)
+    assert {stage: results[stage]["ndcg@10"] for stage in HYBRID_NDCG} == pytest.approx(HYBRID_NDCG)
+    assert results["sparse"]["recall@100"] == 1.0 and results["dense"]["recall@100"] == 0.5
+    # The depth sweep varies the reranked stage only; a shallower rerank leaves dense and sparse as they were.
+    assert list(results["depth_sweep"]) == ["reranked"]
+    shallower = evaluation.stage_rankings(evaluation.rerank_at_depth(run, 1))
+    assert shallower["dense"] == rankings["dense"] and shallower["sparse"] == rankings["sparse"]
+    table = evaluation.format_metrics_table({"hybrid": results})
+    assert all(label in table for label in ("dense", "sparse", "first_stage (hybrid)", "reranked"))
+
+
+def test_single_retriever_and_old_runs_keep_one_first_stage():
+    dense_only = make_hybrid_run(HYBRID, sparse=False)
+    sparse_only = make_hybrid_run(HYBRID, dense=False)
+    for run in (dense_only, sparse_only):
+        assert evaluation.available_stages(run) == ["first_stage", "reranked"]
+    # Columns present but all null, or absent altogether (old runs): the same results as before.
+    toy = make_run(TOY)
+    all_null = toy
+    for name, kind in (("dense_rank", pa.int32()), ("dense_score", pa.float32()), ("sparse_rank", pa.int32()), ("sparse_score", pa.float32())):
+        all_null = all_null.append_column(name, pa.nulls(toy.num_rows, kind))
+    old, new = RunEvaluator(QRELS, depths=(2,))(toy), RunEvaluator(QRELS, depths=(2,))(all_null)
+    assert new == old and old["first_stage"] == pytest.approx(FIRST_STAGE)
+    assert "first_stage (hybrid)" not in evaluation.format_metrics_table({"toy": new})
+
+
+def test_read_run_with_retriever_columns(tmp_path):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    pq.write_table(make_hybrid_run({"h1": HYBRID["h1"]}), folder / "part-0.parquet")
+    pq.write_table(make_run({"q1": TOY["q1"]}), folder / "part-1.parquet")  # an old part without the columns
+    run = evaluation.read_run(str(folder))
+    assert run["dense_rank"].to_pylist() == [2, 1, None, 3, None, None, None, None]
+    assert evaluation.stage_ranking(run, "sparse") == {"h1": ["s9", "d2", "d1"]}
+
+
+@pytest.mark.parametrize(
+    ("column", "row", "value", "message"),
+    [
+        ("dense_rank", 1, 0, "field 'dense_rank' = 0; ranks start at 1"),
+        ("sparse_rank", 2, -3, "field 'sparse_rank' = -3; ranks start at 1"),
+        ("dense_score", 3, float("nan"), "field 'dense_score' is NaN"),
+        ("sparse_rank", 2, 2, "field 'sparse_rank' = 2 appears twice for query_id 'h1'"),
+    ],
+)
+def test_invalid_retriever_columns_name_file_row_and_field(tmp_path, column, row, value, message):
+    run = make_hybrid_run(HYBRID)
+    values = run[column].to_pylist()
+    values[row] = value
+    path = tmp_path / "bad.parquet"
+    pq.write_table(run.set_column(run.column_names.index(column), column, pa.array(values, run[column].type)), path)
+    with pytest.raises(RunError, match=rf"bad\.parquet, row {row}: {message}"):
+        evaluation.read_run(str(path))
+
+
+def test_demo_summary_shows_every_stage_with_lifts_over_dense():
+    from jobs.demo import stage_lifts, stage_rows
+
+    results = RunEvaluator(HYBRID_QRELS)(make_hybrid_run(HYBRID))
+    baseline, lifts = stage_lifts(results)
+    assert baseline == "dense" and list(lifts) == ["sparse", "first_stage", "reranked"]
+    assert lifts["sparse"]["ndcg@10"] == pytest.approx(100 * (HYBRID_NDCG["sparse"] / HYBRID_NDCG["dense"] - 1))  # +63.1%
+    assert lifts["reranked"]["ndcg@10"] == pytest.approx(50.0) and lifts["first_stage"]["ndcg@10"] == pytest.approx(0.0)
+    labels = [label for label, _ in stage_rows(results)]
+    assert labels[:3] == ["dense nDCG@10 / P@3 / R@100", "sparse nDCG@10 / P@3 / R@100", "sparse lift over dense nDCG@10 / P@3"]
+    assert "first stage (hybrid) nDCG@10 / P@3 / R@100" in labels and "reranked lift over dense nDCG@10 / P@3" in labels
+
+    toy = RunEvaluator(QRELS)(make_run(TOY))
+    baseline, lifts = stage_lifts(toy)
+    assert baseline == "first_stage" and lifts["reranked"]["ndcg@10"] == pytest.approx(100 * (RERANKED["ndcg@10"] / FIRST_STAGE["ndcg@10"] - 1))
+    assert [label for label, _ in stage_rows(toy)][:2] == ["first stage nDCG@10 / P@3 / R@100", "reranked nDCG@10 / P@3 / R@100"]
