@@ -535,6 +535,8 @@ class TrainRerankerConfig:
     qrels: str = field(default="", metadata={"help": "BEIR qrels TSV of the training queries"})
     output: str = field(default="", metadata={"help": "output folder URL: model/, training_report.json"})
     fusion_depth: int = field(default=30, metadata={"help": "rerank depth the fusion weight is fitted at (use the query job's)"})
+    search_mode: str = field(default="auto", metadata={"help": "first stage the candidates are mined from: auto (hybrid when the index has a BM25 part: "
+                                                              "both retrievers' top-K), dense, sparse or hybrid; serve with the same"})
     int8: bool = field(default=True, metadata={"help": "also write an int8 (OpenVINO) export for CPU serving, kept only if dev quality holds"})
     int8_tolerance: float = field(default=0.005, metadata={"help": "largest dev fused nDCG@10 loss the int8 export may have"})
     calibration_pairs: int = field(default=300, metadata={"help": "training (query, candidate) pairs the int8 export is calibrated on"})
@@ -550,6 +552,8 @@ class TrainRerankerConfig:
         for name in ("queries", "qrels"):
             storage.require_input(getattr(self, name), name)
         require_at_least(self, {"fusion_depth": 1, "calibration_pairs": 1, "int8_tolerance": 0.0})
+        if self.search_mode not in ("auto", "dense", "sparse", "hybrid"):
+            raise ValueError(f"--search-mode {self.search_mode}: choose auto, dense, sparse or hybrid")
 
 
 def fit_hybrid_first_stage(mining_url: str, dev_qrels: dict[str, dict[str, int]]) -> dict[str, Any] | None:
@@ -645,6 +649,7 @@ def train_reranker(config: TrainRerankerConfig) -> dict[str, Any]:
     from pipelines.document_texts import texts_by_id
     from pipelines.documents import CorpusConfig
     from pipelines.evaluation import read_qrels, read_run
+    from pipelines.hybrid_fusion import DEFAULT_DENSE_WEIGHT
     from pipelines.retrieval import RetrieveRerankConfig, retrieve_and_rerank
     from pipelines.runtime import ensure_ray, worker_visible
 
@@ -660,6 +665,8 @@ def train_reranker(config: TrainRerankerConfig) -> dict[str, Any]:
         depth = max(training.mining.candidate_depth, training.dev_depth, config.fusion_depth)
         mining = RetrieveRerankConfig(index=config.index, queries=config.queries, output=mining_url, qrels=config.qrels)
         mining.search.top_k = depth
+        mining.search.mode = config.search_mode
+        mining.search.dense_weight = DEFAULT_DENSE_WEIGHT  # mined with the default, then fused again with the weight fitted on dev
         retrieve_and_rerank(mining)
         candidates, first_scores = _first_stage(read_run(mining_url))
         train_ids, dev_ids = split_dev_queries(sorted(candidates), training.dev_queries, training.seed)
@@ -713,7 +720,8 @@ def train_reranker(config: TrainRerankerConfig) -> dict[str, Any]:
             "corpus_fingerprint": index_store.corpus_fingerprint(index_store.load_doc_ids(config.index, manifest)),
         }
         fitted_on = f"{len(dev_ids)} training queries of {config.qrels} held out from training (seed {training.seed}), reranked to depth {config.fusion_depth}"
-        first_stage = {"mode": "hybrid", **hybrid, "fitted_on": fitted_on} if hybrid else {"mode": "dense"}
+        hybrid_fitted_on = f"{len(dev_ids)} training queries of {config.qrels} held out from training (seed {training.seed}), nDCG@10 of the fused first stage"
+        first_stage = {"mode": "hybrid", **hybrid, "fitted_on": hybrid_fitted_on} if hybrid else {"mode": config.search_mode if config.search_mode != "auto" else "dense"}
         write_serving_card(trained["model_folder"], {"weight": weight, "mode": decision["mode"], "message": decision["message"], "fitted_on": fitted_on,
                                                      "dev": dev_metrics, "trained_on": trained_on, "dev_ndcg@10": dev_metrics["fused"]["ndcg@10"],
                                                      "first_stage": first_stage})
