@@ -108,6 +108,16 @@ def empty_candidates(rows: int, top_k: int) -> tuple[np.ndarray, np.ndarray]:
     return np.full((rows, top_k), PADDING_POSITION, dtype=np.int64), np.full((rows, top_k), -np.inf, dtype=np.float32)
 
 
+def merge_into_batch(batch: dict[str, np.ndarray], columns: tuple[str, str], new_positions: np.ndarray, new_scores: np.ndarray, top_k: int) -> dict[str, np.ndarray]:
+    """Merge one shard's candidates into the batch's running top-K (``columns``: positions, scores; made by the first shard)."""
+    if columns[0] in batch:
+        positions, scores = batch[columns[0]], batch[columns[1]]
+    else:
+        positions, scores = empty_candidates(len(new_positions), top_k)
+    batch[columns[0]], batch[columns[1]] = merge_top_k(positions, scores, new_positions, new_scores, top_k)
+    return batch
+
+
 def exact_scores(queries: np.ndarray, vectors: np.ndarray, local_ids: np.ndarray) -> np.ndarray:
     """Inner products of each query with its candidates' exact vectors; -inf where the id is padding (< 0).
 
@@ -220,11 +230,5 @@ class ShardSearcher:
         return positions, scores
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        queries = np.asarray(batch["query_embedding"], dtype=np.float32)
-        if "candidate_positions" in batch:
-            positions, scores = batch["candidate_positions"], batch["candidate_scores"]
-        else:
-            positions, scores = empty_candidates(len(queries), self.config.top_k)
-        new_positions, new_scores = self.search(queries)
-        batch["candidate_positions"], batch["candidate_scores"] = merge_top_k(positions, scores, new_positions, new_scores, self.config.top_k)
-        return batch
+        new_positions, new_scores = self.search(np.asarray(batch["query_embedding"], dtype=np.float32))
+        return merge_into_batch(batch, ("candidate_positions", "candidate_scores"), new_positions, new_scores, self.config.top_k)

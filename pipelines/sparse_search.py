@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from pipelines import sparse_index
-from pipelines.shard_search import PADDING_POSITION, SearchConfig, empty_candidates, merge_top_k
+from pipelines.shard_search import PADDING_POSITION, SearchConfig, empty_candidates, merge_into_batch
 
 
 class SparseShardSearcher:
@@ -70,14 +70,8 @@ class SparseShardSearcher:
         return positions, scores
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        texts = [str(text) for text in batch["query_text"]]
-        if "sparse_positions" in batch:
-            positions, scores = batch["sparse_positions"], batch["sparse_scores"]
-        else:
-            positions, scores = empty_candidates(len(texts), self.config.top_k)
-        new_positions, new_scores = self.search(texts)
-        batch["sparse_positions"], batch["sparse_scores"] = merge_top_k(positions, scores, new_positions, new_scores, self.config.top_k)
-        return batch
+        new_positions, new_scores = self.search([str(text) for text in batch["query_text"]])
+        return merge_into_batch(batch, ("sparse_positions", "sparse_scores"), new_positions, new_scores, self.config.top_k)
 
 
 __all__ = ["SparseShardSearcher", "PADDING_POSITION"]
