@@ -69,6 +69,8 @@ VARIANTS = {
     "ray-fp32": ("torch-fp32", "pipelines.embedding.embed_documents (Ray Data actor pool), fp32"),
     "torch-bf16": ("torch-bf16", "pipelines.embedding.TextEncoder, precision=bf16 (autocast)"),
     "ray-bf16": ("torch-bf16", "pipelines.embedding.embed_documents, precision=bf16"),
+    "torch-fp16": ("torch-fp16", "pipelines.embedding.TextEncoder, precision=fp16 (GPU: --device cuda)"),
+    "ray-fp16": ("torch-fp16", "pipelines.embedding.embed_documents, precision=fp16, one GPU actor per GPU (--device cuda)"),
     "openvino-int8": ("openvino-int8", "pipelines.quantization.QuantizedTextEncoder: OpenVINO static int8 (NNCF, 300 corpus docs + 100 train queries)"),
     "ray-int8": ("openvino-int8", "pipelines.embedding.embed_documents, precision=int8 on the openvino-int8 model (the CPU default)"),
     "onnx-fp32": ("onnx-fp32", "ONNX Runtime, fused graph, fp32"),
@@ -89,10 +91,10 @@ def direct_variant(name: str) -> str:
 class PlainEncoder:
     """What a user would write: ``SentenceTransformer(path).encode(texts)``, fp32."""
 
-    def __init__(self, model_path: str, max_length: int, batch_size: int):
+    def __init__(self, model_path: str, max_length: int, batch_size: int, device: str = "cpu"):
         from sentence_transformers import SentenceTransformer
 
-        self.model = SentenceTransformer(model_path, device="cpu")
+        self.model = SentenceTransformer(model_path, device=device)
         self.model.max_seq_length = max_length
         self.batch_size = batch_size
 
@@ -103,11 +105,11 @@ class PlainEncoder:
 class PipelineEncoder:
     """``pipelines.embedding.TextEncoder`` (the code every embedding path uses) at a precision."""
 
-    def __init__(self, precision: str, max_length: int, batch_size: int, threads: int):
+    def __init__(self, precision: str, max_length: int, batch_size: int, threads: int, device: str = "cpu"):
         from pipelines.embedding import EmbeddingConfig, TextEncoder
 
-        config = EmbeddingConfig(model="bundled", precision=precision, max_seq_length=max_length, batch_size=batch_size, device="cpu")
-        self.encoder = TextEncoder(config, device="cpu", threads=threads)
+        config = EmbeddingConfig(model="bundled", precision=precision, max_seq_length=max_length, batch_size=batch_size, device=device)
+        self.encoder = TextEncoder(config, device=device, threads=threads)
 
     def __call__(self, texts: list[str]) -> np.ndarray:
         return self.encoder.encode(texts)
@@ -119,7 +121,7 @@ class RayPipeline:
     Precision ``int8`` runs the quantized model at ``quantized_url``, as ``jobs.build_index`` does on CPU.
     """
 
-    def __init__(self, cpus: int, max_length: int, batch_size: int, quantized_url: str = ""):
+    def __init__(self, cpus: int, max_length: int, batch_size: int, quantized_url: str = "", device: str = "cpu"):
         import ray
         from ray.data import DataContext
 
@@ -129,6 +131,7 @@ class RayPipeline:
         self.max_length = max_length
         self.batch_size = batch_size
         self.quantized_url = quantized_url
+        self.device = device
 
     def __call__(self, payload: tuple[str, list[str], list[str]]) -> np.ndarray:
         import pyarrow as pa
@@ -144,7 +147,7 @@ class RayPipeline:
         )
 
         precision, ids, texts = payload
-        config = EmbeddingConfig(model="bundled", precision=precision, max_seq_length=self.max_length, batch_size=self.batch_size, device="cpu")
+        config = EmbeddingConfig(model="bundled", precision=precision, max_seq_length=self.max_length, batch_size=self.batch_size, device=self.device)
         table = pa.table({"id": ids, "text_hash": [content_hash(text) for text in texts], "content": texts})
         quantized_url = self.quantized_url if precision == "int8" else ""
         if precision == "int8" and not quantized_url:
@@ -247,6 +250,7 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quality-docs", type=_parse_quality, default=None, metavar="all|N", help="documents for nDCG@10 (0 = skip) [all]")
     add_variant_arguments(parser, VARIANTS, DEFAULT_VARIANTS)
     parser.add_argument("--calibration-docs", type=int, default=300, help="corpus documents to calibrate OpenVINO int8 on")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the torch variants (plain, torch-*, ray-*) run; fp16 needs cuda")
     parser.add_argument("--output", default=str(RESULTS / "embed.json"))
     arguments = parser.parse_args(argv)
     if arguments.quick:
@@ -270,13 +274,13 @@ def start_variants(arguments, model_path: str, exports: dict[str, Path]) -> dict
     for name in arguments.variants:
         started = time.perf_counter()
         if name == "plain-fp32":
-            workers[name] = VariantProcess(name, PlainEncoder, model_path, length, batch, threads=threads)
-        elif name == "torch-bf16":
-            workers[name] = VariantProcess(name, PipelineEncoder, "bf16", length, batch, threads, threads=threads)
+            workers[name] = VariantProcess(name, PlainEncoder, model_path, length, batch, arguments.device, threads=threads)
+        elif name in ("torch-bf16", "torch-fp16"):
+            workers[name] = VariantProcess(name, PipelineEncoder, name.split("-")[1], length, batch, threads, arguments.device, threads=threads)
         elif name.startswith("ray-"):
             if ray_worker is None:
                 quantized_url = str(exports.get("openvino-int8", ""))
-                ray_worker = VariantProcess("ray", RayPipeline, threads, length, batch, quantized_url, threads=threads)
+                ray_worker = VariantProcess("ray", RayPipeline, threads, length, batch, quantized_url, arguments.device, threads=threads)
             workers[name] = ray_worker
         else:
             workers[name] = VariantProcess(name, ExportedEncoder, str(exports[name]), name, threads, length, batch, threads=threads)
@@ -366,7 +370,7 @@ def main(argv: list[str] | None = None) -> dict:
         for backend_name, name in direct.items():
             # Torch backends are keyed by the model file; exported ones by their own model files.
             key = backends.backend_digest(exports[backend_name], arguments.max_length) if backend_name in exports else model_digest
-            cache = VectorCache(f"{backend_name}-{key}")
+            cache = VectorCache(f"{backend_name}-{key}" + ("" if arguments.device == "cpu" else f"-{arguments.device}"))  # GPU vectors apart
             if vectors[name]:
                 cache.put(scifact.doc_ids[:count], np.concatenate(vectors[name]))
             if not subset:
@@ -457,7 +461,7 @@ def main(argv: list[str] | None = None) -> dict:
     ]
     for name in names:
         row = results[name]
-        if row.get("docs_per_s"):
+        if row.get("docs_per_s") and arguments.device == "cpu":  # CPU GEMM ceilings mean nothing for GPU variants
             row["gflop_per_cpu_s"] = row["docs_per_cpu_s"] * flops_per_doc / 1e9
             precision = "int8" if name.endswith("int8") else "bf16" if name.endswith("bf16") else "fp32"
             if precision in ceilings:

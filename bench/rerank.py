@@ -61,6 +61,7 @@ VARIANTS = {
     "plain-fp32": "CrossEncoder.predict, fp32, one process",
     "scorer-fp32": "pipelines.reranking.CrossEncoderScorer, precision=fp32",
     "scorer-bf16": "pipelines.reranking.CrossEncoderScorer, precision=bf16 (autocast)",
+    "scorer-fp16": "pipelines.reranking.CrossEncoderScorer, precision=fp16 (GPU: --device cuda)",
     "scorer-int8": "pipelines.reranking.CrossEncoderScorer, precision=int8 (the model folder's openvino_int8/; the CPU default)",
     "openvino-int8": "pipelines.quantization.QuantizedPairScorer: OpenVINO static int8 (NNCF, 300 train-query pairs)",
     "onnx-fp32": "ONNX Runtime, fused graph, fp32",
@@ -112,10 +113,10 @@ def pairs_of(payload: tuple[list[str], np.ndarray], documents: list[str]) -> lis
 class PlainScorer:
     """What a user would write: ``CrossEncoder(path).predict(pairs)`` (sigmoid scores, as it defaults)."""
 
-    def __init__(self, model_path: str, documents: list[str], max_length: int, batch_size: int):
+    def __init__(self, model_path: str, documents: list[str], max_length: int, batch_size: int, device: str = "cpu"):
         from sentence_transformers import CrossEncoder
 
-        self.model = CrossEncoder(model_path, device="cpu", max_length=max_length)
+        self.model = CrossEncoder(model_path, device=device, max_length=max_length)
         self.documents = documents
         self.batch_size = batch_size
 
@@ -126,11 +127,11 @@ class PlainScorer:
 class PipelineScorer:
     """``CrossEncoderScorer`` on a Ray Data-shaped batch: query texts and candidate positions."""
 
-    def __init__(self, model_path: str, documents: list[str], max_length: int, batch_size: int, precision: str, threads: int, depth: int):
+    def __init__(self, model_path: str, documents: list[str], max_length: int, batch_size: int, precision: str, threads: int, depth: int, device: str = "cpu"):
         from pipelines.reranking import CrossEncoderScorer, RerankConfig
 
-        config = RerankConfig(model=model_path, depth=depth, batch_size=batch_size, max_length=max_length, device="cpu", precision=precision)
-        self.scorer = CrossEncoderScorer(config, ListTexts(documents), device="cpu", threads=threads)
+        config = RerankConfig(model=model_path, depth=depth, batch_size=batch_size, max_length=max_length, device=device, precision=precision)
+        self.scorer = CrossEncoderScorer(config, ListTexts(documents), device=device, threads=threads)
 
     def __call__(self, payload) -> np.ndarray:
         queries, positions = payload
@@ -179,6 +180,7 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--depth", type=int, default=30, help="candidates per query")
     parser.add_argument("--rounds", type=int, default=2)
     add_variant_arguments(parser, VARIANTS, DEFAULT_VARIANTS)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where plain-fp32 and the scorer variants run; fp16 needs cuda")
     parser.add_argument("--output", default=str(RESULTS / "rerank.json"))
     arguments = parser.parse_args(argv)
     if arguments.quick:
@@ -214,9 +216,10 @@ def main(argv: list[str] | None = None) -> dict:
     workers: dict[str, VariantProcess] = {}
     for name in arguments.variants:
         if name == "plain-fp32":
-            workers[name] = VariantProcess(name, PlainScorer, model_path, documents, length, batch, threads=threads)
+            workers[name] = VariantProcess(name, PlainScorer, model_path, documents, length, batch, arguments.device, threads=threads)
         elif name.startswith("scorer-"):
-            workers[name] = VariantProcess(name, PipelineScorer, model_path, documents, length, batch, name.split("-", 1)[1], threads, arguments.depth, threads=threads)
+            workers[name] = VariantProcess(name, PipelineScorer, model_path, documents, length, batch, name.split("-", 1)[1], threads, arguments.depth,
+                                           arguments.device, threads=threads)
         else:
             workers[name] = VariantProcess(name, ExportedScorer, documents, str(exports[name]), name, threads, length, batch, threads=threads)
         print(f"  started {name} (load {workers[name].load_s:.1f} s, threads {workers[name].thread_report})", flush=True)

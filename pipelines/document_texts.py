@@ -1,4 +1,8 @@
-"""Document text by position, for reranking, held across Ray actors rather than in one process.
+"""Document text by position for versions built before the document store, and texts by id for training.
+
+Versions built since have their texts in :mod:`pipelines.document_store`, written at indexing time and
+read by position; :func:`load_document_texts` is the query job's fallback for older versions only: it
+re-reads the corpus and holds every text in actor memory.
 
 The texts come from the corpus named in the index manifest, read with the same reader and
 settings as at indexing time. Each :class:`DocumentTextPartition` actor holds the texts of one

@@ -513,7 +513,9 @@ def quarantined_rows(batch: pa.Table, duplicates: pa.Table, effective_root: str 
 
 
 def _valid_keys(batch: pa.Table) -> pa.Table:
-    return batch.filter(pc.is_null(batch["reason"])).select(["id", "text_hash", "order_key", "source_file", "source_row"])
+    """The keys the driver collects, with ``source_file`` dictionary-encoded: each file's URL once, not per row."""
+    keys = batch.filter(pc.is_null(batch["reason"])).select(["id", "text_hash", "order_key", "source_file", "source_row"])
+    return keys.set_column(3, "source_file", pc.dictionary_encode(keys["source_file"]))
 
 
 @dataclass
@@ -568,6 +570,7 @@ def validate_corpus(url: str, config: CorpusConfig, public_url: str = "", what: 
     keys = collect(dataset.map_batches(_valid_keys, batch_format="pyarrow"))
     if keys is None or keys.num_rows == 0:
         raise CorpusError(f"{public}: no valid {what} among {rows_read} rows")
+    keys = keys.unify_dictionaries()  # one list of files for every block (joins need it)
     duplicates = find_duplicate_ids(keys)
     keys = keys.filter(pc.invert(pc.is_in(keys["order_key"], value_set=duplicates["order_key"]))).sort_by("order_key")
     return ValidatedCorpus(url, public, [to_public(f, url, public) for f in files], dataset, rows_read, keys, duplicates)

@@ -26,10 +26,13 @@ from pipelines import storage
 from pipelines.models import (
     choose_device,
     inference_context,
-    length_bucket_groups,
     load_sentence_transformer,
     resolve_precision,
 )
+
+
+CPU_BATCH_SIZE = 32  # texts per forward pass on CPU, as bench.embed measures the CPU paths
+GPU_BATCH_SIZE = 256  # ... and on a GPU, where a batch of 32 leaves it waiting on per-batch overhead
 
 
 @dataclass
@@ -39,7 +42,7 @@ class EmbeddingConfig:
     model: str = field(default="bundled", metadata={"help": "bundled, a Hugging Face id or a local path"})
     normalize: bool = True
     max_seq_length: int = field(default=256, metadata={"help": "tokens per text (0 = the model's own)"})
-    batch_size: int = field(default=32, metadata={"help": "texts per forward pass"})
+    batch_size: int = field(default=0, metadata={"help": "texts per forward pass (0 = 32 on CPU, 256 on GPU)"})
     rows_per_batch: int = field(default=256, metadata={"help": "fewest rows per embedding part (on a small corpus, parts shrink so every actor gets work)"})
     rows_per_part: int = field(default=20_000, metadata={"help": "most rows per embedding Parquet part, committed by the actor that embedded them (unit of resume)"})
     device: str = field(default="auto", metadata={"help": "auto (GPU when the cluster has one), cpu or cuda"})
@@ -51,7 +54,7 @@ class EmbeddingConfig:
     def validate(self) -> None:
         from pipelines.config import require_at_least
 
-        require_at_least(self, {"batch_size": 1, "rows_per_batch": 1, "rows_per_part": 1, "calibration_documents": 1, "max_seq_length": 0, "pool_size": 0, "threads_per_actor": 0})
+        require_at_least(self, {"batch_size": 0, "rows_per_batch": 1, "rows_per_part": 1, "calibration_documents": 1, "max_seq_length": 0, "pool_size": 0, "threads_per_actor": 0})
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"--device {self.device}: use auto, cpu or cuda")
         if self.precision not in ("auto", "fp32", "bf16", "fp16", "int8"):
@@ -72,7 +75,7 @@ class EmbeddingPool:
 def plan_embedding_pool(config: EmbeddingConfig, cluster_cpus: float, cluster_gpus: float, reserve_cpus: float | None = None) -> EmbeddingPool:
     """Size the actor pool from cluster resources (pure function, no Ray calls).
 
-    GPUs: one actor per GPU. CPUs: actors of ``threads`` torch threads each, claiming at most the
+    GPUs: one actor per GPU, with up to 4 of the CPUs left after the reserve for tokenization. CPUs: actors of ``threads`` torch threads each, claiming at most the
     CPUs minus ``reserve_cpus`` (default one, or two on machines over 8 CPUs) so read/write tasks
     always have room. ``config`` is any settings object with ``device``, ``pool_size`` and
     ``threads_per_actor`` (the reranker's too).
@@ -80,13 +83,16 @@ def plan_embedding_pool(config: EmbeddingConfig, cluster_cpus: float, cluster_gp
     use_gpu = config.device in ("auto", "cuda") and cluster_gpus >= 1
     if config.device == "cuda" and cluster_gpus < 1:
         raise ValueError("embedding.device is cuda but the Ray cluster reports no GPU")
-    if use_gpu:
-        size = config.pool_size or int(cluster_gpus)
-        return EmbeddingPool(size=size, num_cpus=1.0, num_gpus=1.0, threads=max(1, config.threads_per_actor or 2), device="cuda")
     total = max(1.0, float(cluster_cpus))
-    threads = config.threads_per_actor or int(min(total, 4))
     reserve = reserve_cpus if reserve_cpus is not None else (1.0 if total <= 8 else 2.0)
     available = max(0.5, total - reserve)
+    if use_gpu:
+        # Each GPU actor tokenizes its own batches: up to 4 CPUs of the node's share per GPU keep a
+        # MiniLM-sized model fed (the fast tokenizer runs at thousands of texts/s per core).
+        size = config.pool_size or int(cluster_gpus)
+        cpus_each = max(1.0, min(4.0, float(int(available / size))))
+        return EmbeddingPool(size=size, num_cpus=cpus_each, num_gpus=1.0, threads=max(1, config.threads_per_actor or int(cpus_each)), device="cuda")
+    threads = config.threads_per_actor or int(min(total, 4))
     size = config.pool_size or max(1, int(available // threads))
     num_cpus = max(0.25, min(float(threads), available / size))
     return EmbeddingPool(size=size, num_cpus=round(num_cpus, 2), num_gpus=0.0, threads=threads, device="cpu")
@@ -169,12 +175,13 @@ class TextEncoder:
             raise ValueError(f"{quantized_url}: this index's documents were embedded by this int8 CPU model; queries must be too: run the query encoder on CPU")
         self.precision = resolve_precision(config.precision, self.device, int8=bool(quantized_url))
         self.config = config
+        self.batch_size = config.batch_size or (GPU_BATCH_SIZE if self.device.startswith("cuda") else CPU_BATCH_SIZE)
         if self.precision == "int8":
             if not quantized_url:
                 raise ValueError(f"precision int8 needs a quantized model of {config.model} (built by the indexing job)")
             from pipelines.quantization import QuantizedTextEncoder
 
-            self.quantized = QuantizedTextEncoder(quantized_url, threads, config.batch_size)
+            self.quantized = QuantizedTextEncoder(quantized_url, threads, self.batch_size)
             return
         self.model = load_sentence_transformer(config.model, self.device, config.max_seq_length or None)
         if self.precision == "fp16":
@@ -188,16 +195,19 @@ class TextEncoder:
             if self.config.normalize and len(vectors):
                 vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
             return vectors
-        vectors = np.zeros((len(texts), self.dimension), dtype=np.float32)
+        from pipelines.token_batches import run_bucketed
+
+        if not len(texts):
+            return np.zeros((0, self.dimension), dtype=np.float32)
+
+        def forward(features: dict[str, np.ndarray]) -> np.ndarray:
+            tensors = {name: torch.from_numpy(values).to(self.device) for name, values in features.items()}
+            return self.model(tensors)["sentence_embedding"].float().cpu().numpy()
+
         with torch.inference_mode(), inference_context(self.precision, self.device):
-            for rows in length_bucket_groups(self.model.tokenizer, texts, int(self.model.max_seq_length)):
-                vectors[rows] = self.model.encode(
-                    [texts[row] for row in rows],
-                    batch_size=self.config.batch_size,
-                    normalize_embeddings=self.config.normalize,
-                    convert_to_numpy=True,
-                    show_progress_bar=False,
-                )
+            vectors = run_bucketed(self.model.tokenizer, texts, int(self.model.max_seq_length), self.batch_size, forward)
+        if self.config.normalize:
+            vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
         return vectors
 
     @property
@@ -236,20 +246,79 @@ class EmbeddingStore:
     def parts(self) -> list[str]:
         return storage.list_files(self.url, ".parquet")
 
-    def keys(self) -> pa.Table:
-        """``part``, ``row``, ``id``, ``text_hash`` of every stored vector (small: no vectors read)."""
-        tables = []
-        for part in self.parts():
-            keys = storage.read_parquet(part, columns=["id", "text_hash"])
-            tables.append(
-                keys.append_column("part", pa.array([part] * keys.num_rows, pa.string())).append_column(
-                    "row", pa.array(np.arange(keys.num_rows, dtype=np.int64))
-                )
-            )
-        if not tables:
-            return pa.table({"id": pa.array([], pa.string()), "text_hash": pa.array([], pa.string()), "part": pa.array([], pa.string()), "row": pa.array([], pa.int64())})
-        return pa.concat_tables(tables)
+    def keys(self, threads: int = 8) -> pa.Table:
+        """``id``, ``text_hash``, ``part``, ``row`` of every stored vector, one row per key (no vectors read).
 
+        ``part`` is dictionary-encoded: an int32 index per row into one list of part URLs (``parts()``,
+        sorted), so the URL is held once, not per row. A key stored twice (a rerun that embedded the same
+        text again) is listed once, at its first copy in (part, row) order, the copy :func:`locate_vectors`
+        uses; the table is in (part, row) order. Keys whose id now has another text hash stay: they are valid
+        vectors (a later corpus may revert to that text), and the join with the documents drops them, so the
+        table grows with the distinct (id, text_hash) pairs ever embedded. Parts are read ``threads`` at a
+        time (object storage answers each read with a round trip).
+        """
+        from concurrent.futures import ThreadPoolExecutor
+
+        urls = self.parts()
+        with ThreadPoolExecutor(max_workers=max(1, min(threads, len(urls)))) as pool:
+            tables = list(pool.map(lambda url: storage.read_parquet(url, columns=["id", "text_hash"]), urls))
+        counts = np.array([table.num_rows for table in tables], dtype=np.int64)
+        parts = pa.DictionaryArray.from_arrays(pa.array(np.repeat(np.arange(len(urls), dtype=np.int32), counts)), pa.array(urls, pa.string()))
+        rows = np.arange(int(counts.sum()), dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
+        columns = {name: pa.chunked_array([chunk for table in tables for chunk in table[name].cast(pa.string()).chunks], pa.string()) for name in ("id", "text_hash")}
+        keys = pa.table({**columns, "part": parts, "row": pa.array(rows)})
+        return first_copies(keys)
+
+
+def first_copies(keys: pa.Table) -> pa.Table:
+    """``keys`` (in (part, row) order) without later copies of an (id, text_hash) pair; the same table when there are none.
+
+    Copies of a key share their text hash, so only the rows whose text hash collides with another row's
+    (by a 64-bit hash: same texts, or rare collisions) are grouped exactly: a full two-column group-by
+    would hold about four times the keys' size for a while, to find nothing in the usual case.
+    """
+    hashes = string_prefix_hashes(keys["text_hash"])
+    ordered = np.sort(hashes)
+    candidates = np.flatnonzero(np.isin(hashes, ordered[1:][ordered[1:] == ordered[:-1]]))
+    del ordered, hashes
+    if not len(candidates):
+        return keys
+    subset = keys.select(["id", "text_hash"]).take(pa.array(candidates)).append_column("copy", pa.array(candidates))
+    first = subset.group_by(["id", "text_hash"]).aggregate([("copy", "min")])["copy_min"].to_numpy()
+    later = np.setdiff1d(candidates, first)
+    if not len(later):
+        return keys
+    keep = np.ones(keys.num_rows, dtype=bool)
+    keep[later] = False
+    return keys.filter(pa.array(keep))
+
+
+_HASH_MULTIPLIER = np.uint64(0x9E3779B97F4A7C15)
+
+
+def string_prefix_hashes(values: pa.ChunkedArray, width: int = 32, block_rows: int = 65_536) -> np.ndarray:
+    """A uint64 per string from its byte length and first ``width`` bytes (equal strings, equal hashes), computed
+    from the Arrow buffers ``block_rows`` rows at a time (no Python strings); ``width`` is a multiple of 8."""
+    out = [np.zeros(0, dtype=np.uint64)]
+    take = np.arange(width)
+    with np.errstate(over="ignore"):
+        for chunk in values.chunks:
+            chunk = chunk.cast(pa.large_string())
+            for start in range(0, len(chunk), block_rows):
+                block = chunk.slice(start, block_rows)
+                offsets = np.frombuffer(block.buffers()[1], dtype=np.int64)[block.offset : block.offset + len(block) + 1]
+                data = np.frombuffer(block.buffers()[2], dtype=np.uint8) if block.buffers()[2] is not None and offsets[-1] > 0 else np.zeros(1, np.uint8)
+                lengths = np.diff(offsets)
+                if len(lengths) and (lengths == width).all():  # e.g. every content_hash: the bytes as they lie
+                    prefix = data[offsets[0] : offsets[-1]].reshape(-1, width)
+                else:
+                    inside = take[None, :] < lengths[:, None]
+                    prefix = np.where(inside, data[np.where(inside, offsets[:-1, None] + take[None, :], 0)], 0).astype(np.uint8)
+                hashed = lengths.astype(np.uint64) * _HASH_MULTIPLIER
+                for word in np.ascontiguousarray(prefix).view("<u8").T:
+                    hashed = (hashed ^ word) * _HASH_MULTIPLIER
+                out.append(hashed ^ (hashed >> np.uint64(29)))
+    return np.concatenate(out)
 
 
 def read_vectors(part_url: str, rows: np.ndarray) -> np.ndarray:

@@ -14,7 +14,6 @@ import hashlib
 import json
 import math
 import re
-from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -45,7 +44,8 @@ class IndexConfig:
     memory_budget: str = field(
         default="0",
         metadata={"help": "RAM for the faiss index, all shards together, e.g. 8GiB or 500MB (0 = no limit); auto picks the largest code that "
-                          "fits and errors if none does. Exact re-scoring of a compressed index also loads 4 B x dimension per vector, not counted"},
+                          "fits and errors if none does. For a compressed index it includes the float16 vectors exact re-scoring loads "
+                          "(2 B x dimension per vector, memory-mapped from local storage)"},
     )
     seed: int = 1234
 
@@ -106,9 +106,20 @@ def pq_subquantizers(dimension: int, dims_per_code: int = 8) -> int:
     return min(divisors, key=lambda m: (abs(m - target), -m))
 
 
+MAX_IVF_LISTS = 4096  # see ivf_lists
+
+
 def ivf_lists(count: int) -> int:
-    """IVF lists for ``count`` vectors: a power of two near 4·sqrt(n), with at least 39 vectors per list."""
-    return max(1, min(_power_of_two(4 * math.sqrt(count)), count // 39))
+    """IVF lists for ``count`` vectors: a power of two near 4·sqrt(n), with at least 39 vectors per list, at most 4,096.
+
+    The cap keeps the build linear in n: every vector added is compared with every list centroid
+    (a flat coarse quantizer), and k-means training costs sample x lists with a sample that grows
+    with the lists. At 10M 384-d vectors, 16,384 lists (the 4·sqrt(n) rule) would cost 126 TFLOP to
+    assign and 63 to train, about 40 minutes on 2 cores at 80 GFLOP/s; 4,096 lists cost a quarter
+    to assign and an eighth to train, and nprobe 128 then scans about 300k codes per query.
+    Set ``faiss.factory`` (e.g. ``IVF65536_HNSW32,PQ192x4fs``) for more lists on a bigger machine.
+    """
+    return max(1, min(_power_of_two(4 * math.sqrt(count)), count // 39, MAX_IVF_LISTS))
 
 
 def ivf_nprobe(nlist: int, count: int) -> int:
@@ -161,9 +172,9 @@ def choose_index_parameters(count: int, dimension: int, config: IndexConfig) -> 
     2 cores, ``ShardSearcher`` with 500 candidates re-scored; bench/results/index.json):
 
     - under 250,000 vectors: exact (flat) search. Flat answers 264 queries/s at 1M and 1,027 at 250k:
-      25x more than the CPU bi-encoder encodes queries (~40/s), exact, nothing to train, and smaller
-      in RAM than a compressed index plus the float32 vectors its re-scoring loads (1,544 B/vector
-      against 1,652). At 250k the IVF-PQ below (IVF2048, nprobe 269) gives recall@100 0.982 at 5,800
+      25x more than the CPU bi-encoder encodes queries (~40/s), exact and nothing to train, though
+      larger in RAM than a compressed index plus the float16 vectors its re-scoring loads (1,544 B/vector
+      against 116 + 768). At 250k the IVF-PQ below (IVF2048, nprobe 269) gives recall@100 0.982 at 5,800
       queries/s, built in 14 s, where the speed starts to matter more than exactness;
     - otherwise IVF with a power of two near 4·sqrt(n) lists (4,096 at 1M, at least 39 vectors per list)
       and 4-bit fast-scan PQ with one sub-quantizer per 2 dimensions (``IVF4096,PQ192x4fs``, 96 bytes
@@ -171,9 +182,10 @@ def choose_index_parameters(count: int, dimension: int, config: IndexConfig) -> 
       62 s; the previous rule's ``IVF4096,PQ48`` gave 0.957 at 1,951 queries/s with the same searcher;
     - nprobe: enough lists to scan about 32k vectors per query, and at least 1/32 of the lists (135 of
       4,096 at 1M; recall@100 0.946 at 64, 0.970 at 128, 0.984 at 256); one shard per million vectors;
-    - ``memory_budget`` (bytes of RAM for the faiss index, all shards): the first code of
-      :func:`pq_codecs` whose :func:`estimate_index_bytes` fits; below 250,000 vectors Flat when it fits,
-      else IVF-PQ the same way (from 2,000 vectors); :class:`MemoryBudgetError` when nothing fits.
+    - ``memory_budget`` (bytes of RAM for the faiss index, all shards, plus a compressed index's float16
+      re-scoring vectors: :func:`memory_bytes`): the first code of :func:`pq_codecs` that fits; below
+      250,000 vectors Flat when it fits, else IVF-PQ the same way (from 2,000 vectors);
+      :class:`MemoryBudgetError` when nothing fits.
     """
     shards = config.shards or max(1, math.ceil(count / 1_000_000))
     shards = max(1, min(shards, max(1, count)))
@@ -191,9 +203,31 @@ def choose_index_parameters(count: int, dimension: int, config: IndexConfig) -> 
     return IndexPlan(factory=factory, nprobe=nprobe, shards=shards, training_sample=min(sample, count), seed=config.seed)
 
 
+def rescoring_bytes(factory: str, count: int, dimension: int) -> int:
+    """RAM for the re-scoring vectors a searcher loads with an index of ``factory``: 2 B x dimension per vector
+    (float16, ``index_store.VECTORS_DTYPE``) for a compressed index, 0 for one that scores exactly (Flat,
+    IVF-Flat: its candidates are not re-scored, so its vectors are never loaded).
+
+    Example:
+        >>> rescoring_bytes("IVF1024,PQ192x4fs", 1_000_000, 384), rescoring_bytes("Flat", 1_000_000, 384)
+        (768000000, 0)
+    """
+    from pipelines.shard_search import has_exact_scores
+
+    index = make_empty_index(factory, dimension)  # held here: has_exact_scores rebinds its argument to downcast proxies
+    if has_exact_scores(index):
+        return 0
+    return count * dimension * np.dtype(index_store.VECTORS_DTYPE).itemsize
+
+
+def memory_bytes(factory: str, count: int, dimension: int, shards: int = 1) -> int:
+    """What ``IndexConfig.memory_budget`` counts: the index (:func:`estimate_index_bytes`) plus its re-scoring vectors (:func:`rescoring_bytes`)."""
+    return estimate_index_bytes(factory, count, dimension, shards) + rescoring_bytes(factory, count, dimension)
+
+
 def _auto_factory(count: int, dimension: int, shards: int, budget: int) -> str:
     def size(factory: str) -> int:
-        return estimate_index_bytes(factory, count, dimension, shards)
+        return memory_bytes(factory, count, dimension, shards)
 
     if count < FLAT_BELOW and (not budget or size("Flat") <= budget):
         return "Flat"
@@ -210,7 +244,8 @@ def _auto_factory(count: int, dimension: int, shards: int, budget: int) -> str:
     smallest = factories[-1]
     raise MemoryBudgetError(
         f"memory_budget {budget:,} B is too small for {count:,} {dimension}-d vectors in {shards} shard(s): the smallest index considered, "
-        f"{smallest}, needs about {size(smallest):,} B ({size(smallest) / count:.0f} B/vector); raise the budget, or set faiss.factory"
+        f"{smallest}, needs about {size(smallest):,} B ({size(smallest) / count:.0f} B/vector, {rescoring_bytes(smallest, 1, dimension)} of them float16 re-scoring vectors); "
+        f"raise the budget, or set faiss.factory"
     )
 
 
@@ -272,11 +307,14 @@ def fill_shard(
     dimension: int,
     folder: str,
     shard: int,
+    root: str,
 ) -> dict:
     """Add one shard's vectors (read from embedding parts) to a copy of the trained index and write it.
 
-    ``sources`` lists (part URL, rows in that part, positions of those rows). Writes the faiss
-    file and the exact vectors, then the stats file last; returns the stats.
+    ``sources`` lists (part URL, rows in that part, positions of those rows). Writes the faiss file
+    into the version ``folder``, the re-scoring vectors as float16 under the index ``root``'s
+    ``vectors/`` (:func:`index_store.write_shard_vectors`: named by their content, so an unchanged
+    shard references the file an earlier version wrote), then the stats file last; returns the stats.
     """
     vectors = np.zeros((count, dimension), dtype=np.float32)
     filled = np.zeros(count, dtype=bool)
@@ -290,7 +328,6 @@ def fill_shard(
     index.add_with_ids(vectors, np.arange(first_position, first_position + count, dtype=np.int64))
     name = index_store.shard_name(shard)
     index_bytes = index_store.serialize_index(index)
-    vector_bytes = index_store.vectors_to_bytes(vectors)
     stats = {
         "shard": shard,
         "file": f"{name}.faiss",
@@ -298,29 +335,95 @@ def fill_shard(
         "first_position": first_position,
         "sha256": storage.write_bytes_atomically(storage.join_url(folder, f"{name}.faiss"), index_bytes),
         "bytes": len(index_bytes),
-        "vectors_file": f"{name}.vectors.npy",
-        "vectors_sha256": storage.write_bytes_atomically(storage.join_url(folder, f"{name}.vectors.npy"), vector_bytes),
-        "vectors_bytes": len(vector_bytes),
+        **index_store.write_shard_vectors(root, vectors),
     }
     storage.write_json_atomically(storage.join_url(folder, f"{name}.json"), stats)
     return stats
 
 
+JOIN_PARTITION_ROWS = 262_144
+
+
+def hash_join(
+    left: pa.Table,
+    right: pa.Table,
+    keys: list[str],
+    join_type: str,
+    left_output: list[str],
+    right_output: list[str] | None = None,
+    partition_by: str | None = None,
+) -> pa.Table:
+    """An Acero hash join that outputs only the named columns (``Table.join`` also copies the key columns,
+    strings of every row); rows come in no particular order.
+
+    With ``partition_by`` (one of ``keys``, a string column), the rows are split by a hash of that column
+    into parts of about JOIN_PARTITION_ROWS rows and joined part by part: equal keys meet in the same part,
+    and the join's hash table, which holds several times the key bytes, is built for one part at a time.
+    """
+    from pyarrow import acero
+
+    def join(left_part: pa.Table, right_part: pa.Table) -> pa.Table:
+        options = acero.HashJoinNodeOptions(join_type, keys, keys, left_output=left_output, right_output=right_output or [])
+        sources = [acero.Declaration("table_source", acero.TableSourceNodeOptions(table)) for table in (left_part, right_part)]
+        return acero.Declaration("hashjoin", options, inputs=sources).to_table(use_threads=True)
+
+    parts = max(1, math.ceil(max(left.num_rows, right.num_rows) / JOIN_PARTITION_ROWS)) if partition_by else 1
+    if parts == 1:
+        return join(left, right)
+    from pipelines.embedding import string_prefix_hashes
+
+    left_part, right_part = (string_prefix_hashes(table[partition_by]) % np.uint64(parts) for table in (left, right))
+    return pa.concat_tables(
+        [join(left.take(pa.array(np.flatnonzero(left_part == part))), right.take(pa.array(np.flatnonzero(right_part == part)))) for part in range(parts)]
+    )
+
+
+def part_codes(column: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, list[str]]:
+    """A ``part`` column as (int32 part index per row, part URLs); the column is dictionary-encoded (or plain URLs)."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    if not pa.types.is_dictionary(column.type):
+        column = column.dictionary_encode()
+    return column.indices.to_numpy(zero_copy_only=False).astype(np.int32, copy=False), column.dictionary.to_pylist()
+
+
 def locate_vectors(documents: pa.Table, stored: pa.Table) -> pa.Table:
     """For each document position, the embedding part and row holding its vector.
 
-    ``documents`` has ``position``, ``id``, ``text_hash``; ``stored`` is EmbeddingStore.keys().
-    Raises if a document has no stored vector.
+    ``documents`` has ``position`` (0..n-1, in any order), ``id``, ``text_hash``; ``stored`` is
+    EmbeddingStore.keys() (``part`` dictionary-encoded, in (part, row) order): of several copies of a key
+    the first is used. Returns ``position`` (0..n-1: row i is position i), ``part`` (dictionary-encoded
+    URL) and ``row``: integers per document, the key strings are not copied. Raises if a document has no
+    stored vector.
     """
-    stored = stored.sort_by([("part", "ascending"), ("row", "ascending")])
-    first = stored.group_by(["id", "text_hash"], use_threads=False).aggregate([("part", "first"), ("row", "first")])
-    first = first.rename_columns(["id", "text_hash", "part", "row"])
-    located = documents.join(first, ["id", "text_hash"], join_type="left outer", use_threads=False).sort_by("position")
-    missing = pc.sum(pc.is_null(located["part"]).cast(pa.int64())).as_py() or 0
-    if missing:
-        example = located.filter(pc.is_null(located["part"]))["id"][0].as_py()
-        raise RuntimeError(f"{missing} documents have no stored embedding (for example id {example!r})")
-    return located
+    count = documents.num_rows
+    codes, urls = part_codes(stored["part"])
+    numbered = stored.select(["id", "text_hash"]).append_column("stored", pa.array(np.arange(stored.num_rows, dtype=np.int64)))
+    joined = hash_join(documents.select(["id", "text_hash", "position"]), numbered, ["id", "text_hash"], "left outer", ["position"], ["stored"], "text_hash")
+    del numbered
+    positions = joined["position"].to_numpy()
+    chosen = pc.fill_null(joined["stored"], -1).to_numpy()
+    del joined
+    if len(positions) > count:  # a key stored more than once (keys() leaves none): the first copy in (part, row) order
+        order = np.lexsort((chosen, positions))
+        positions, chosen = positions[order], chosen[order]
+        first = np.ones(len(positions), dtype=bool)
+        first[1:] = positions[1:] != positions[:-1]
+        positions, chosen = positions[first], chosen[first]
+    if len(positions) != count or (count and (positions.min() < 0 or positions.max() >= count)) or not np.bincount(positions, minlength=count).all():
+        raise ValueError(f"document positions must be 0..{count - 1}, each once")
+    located = np.empty(count, dtype=np.int64)
+    located[positions] = chosen
+    missing = np.flatnonzero(located < 0)
+    if len(missing):
+        where = pc.index(documents["position"], pa.scalar(int(missing[0]), pa.int64())).as_py()
+        raise RuntimeError(f"{len(missing)} documents have no stored embedding (for example id {documents['id'][where].as_py()!r})")
+    rows = stored["row"].to_numpy()
+    return pa.table({
+        "position": pa.array(np.arange(count, dtype=np.int64)),
+        "part": pa.DictionaryArray.from_arrays(pa.array(codes[located]), pa.array(urls, pa.string())),
+        "row": pa.array(rows[located]),
+    })
 
 
 def shard_ranges(count: int, shards: int) -> list[tuple[int, int]]:
@@ -330,28 +433,52 @@ def shard_ranges(count: int, shards: int) -> list[tuple[int, int]]:
 
 
 def sources_for_range(located: pa.Table, start: int, end: int) -> list[tuple[str, np.ndarray, np.ndarray]]:
-    """Group the positions [start, end) by embedding part: (part, rows, positions)."""
+    """Group the positions [start, end) by embedding part: (part URL, rows, positions), parts in index order."""
     piece = located.slice(start, end - start)
-    grouped: dict[str, list[int]] = defaultdict(list)
-    parts = piece["part"].to_pylist()
-    for offset, part in enumerate(parts):
-        grouped[part].append(offset)
-    rows = piece["row"].to_numpy()
-    positions = piece["position"].to_numpy()
-    return [(part, rows[offsets], positions[offsets]) for part, offsets in sorted(grouped.items()) for offsets in [np.array(offsets)]]
+    return group_by_part(piece["part"], piece["row"].to_numpy(), piece["position"].to_numpy())
+
+
+def group_by_part(part: pa.Array | pa.ChunkedArray, rows: np.ndarray, values: np.ndarray) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """(part URL, rows in it, the matching ``values``) per part present in ``part``, keeping the given order within a part."""
+    codes, urls = part_codes(part)
+    order = np.argsort(codes, kind="stable")
+    groups = np.split(order, np.flatnonzero(np.diff(codes[order])) + 1) if len(order) else []
+    return [(urls[int(codes[group[0]])], rows[group], values[group]) for group in groups]
+
+
+FINGERPRINT_BLOCK_ROWS = 65_536
 
 
 def version_fingerprint(documents: pa.Table, plan: IndexPlan, model_settings: dict) -> str:
     """A version id from what determines the index: the documents (id, text_hash, order), parameters, model.
 
-    A rerun with the same inputs finds the same (possibly half-finished) version and resumes it.
+    A rerun with the same inputs finds the same (possibly half-finished) version and resumes it. The
+    documents are hashed in blocks of a fixed number of rows straight from the Arrow buffers (each value's
+    byte length, then the values' bytes): no Python strings, memory bounded by a block, and the same id
+    whatever the table's chunking. Ids from before this scheme (which hashed one joined string) differ:
+    those versions stay readable, but a rebuild of the same inputs writes a new version beside them.
     """
     digest = hashlib.sha256()
     digest.update(json.dumps({"plan": plan.__dict__, "model": model_settings}, sort_keys=True).encode())
     for column in ("id", "text_hash"):
-        digest.update("\n".join(documents[column].to_pylist()).encode())
+        digest_strings(digest, documents[column], column, FINGERPRINT_BLOCK_ROWS)
         digest.update(b"\0")
     return digest.hexdigest()[:16]
+
+
+def digest_strings(digest, values: pa.Array | pa.ChunkedArray, name: str = "values", block_rows: int = FINGERPRINT_BLOCK_ROWS) -> None:
+    """Feed a string column to a hashlib digest: per block of ``block_rows`` rows, each value's byte length
+    (int64), then the values' bytes, read from the Arrow buffers; the same bytes whatever the chunking."""
+    for start in range(0, len(values), block_rows):
+        block = values.slice(start, block_rows)
+        block = block.combine_chunks() if isinstance(block, pa.ChunkedArray) else block
+        if block.null_count:
+            raise ValueError(f"{name}: null values cannot be hashed")
+        block = block.cast(pa.large_string())
+        offsets = np.frombuffer(block.buffers()[1], dtype=np.int64)[block.offset : block.offset + len(block) + 1]
+        digest.update(np.diff(offsets).astype("<i8").tobytes())
+        if offsets[-1] > offsets[0]:
+            digest.update(memoryview(block.buffers()[2])[offsets[0] : offsets[-1]])
 
 
 def sample_positions(count: int, sample: int, seed: int) -> np.ndarray:
@@ -361,20 +488,31 @@ def sample_positions(count: int, sample: int, seed: int) -> np.ndarray:
     return np.sort(rng.choice(count, size=sample, replace=False))
 
 
-def read_training_vectors(located: pa.Table, positions: np.ndarray) -> np.ndarray:
-    """The vectors at ``positions`` (driver side; reads each part once)."""
+def training_sources(located: pa.Table, positions: np.ndarray) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """Where the vectors at ``positions`` are: (part URL, rows, indexes into ``positions``) per part."""
     chosen = located.take(pa.array(positions))
-    sources = sources_for_positions(chosen)
-    dimension = None
+    return group_by_part(chosen["part"], chosen["row"].to_numpy(), np.arange(len(positions)))
+
+
+def read_sources(sources: list[tuple[str, np.ndarray, np.ndarray]], count: int) -> np.ndarray:
+    """``count`` vectors: those at (part, rows) go to the given output rows; each part is read once."""
     out: np.ndarray | None = None
-    index_of = {int(p): i for i, p in enumerate(positions)}
-    for part, rows, part_positions in sources:
+    for part, rows, offsets in sources:
         vectors = read_vectors(part, rows)
         if out is None:
-            dimension = vectors.shape[1]
-            out = np.zeros((len(positions), dimension), dtype=np.float32)
-        out[[index_of[int(p)] for p in part_positions]] = vectors
+            out = np.zeros((count, vectors.shape[1]), dtype=np.float32)
+        out[offsets] = vectors
     return out if out is not None else np.zeros((0, 0), dtype=np.float32)
+
+
+def read_training_vectors(located: pa.Table, positions: np.ndarray) -> np.ndarray:
+    """The vectors at ``positions``, in that order (reads each part once)."""
+    return read_sources(training_sources(located, positions), len(positions))
+
+
+def train_on_sample(factory: str, sources: list[tuple[str, np.ndarray, np.ndarray]], count: int, seed: int) -> bytes:
+    """Read a training sample (:func:`training_sources`) and train on it: in a Ray task, so the sample never reaches the driver."""
+    return train_index(factory, read_sources(sources, count), seed)
 
 
 def sources_for_positions(located: pa.Table) -> list[tuple[str, np.ndarray, np.ndarray]]:
@@ -386,8 +524,12 @@ def build_shards(
     plan: IndexPlan,
     dimension: int,
     folder: str,
+    root: str,
 ) -> list[dict]:
-    """Train (or reuse ``trained.faiss``) and fill every shard not already complete; returns shard stats."""
+    """Train (or reuse ``trained.faiss``) and fill every shard not already complete; returns shard stats.
+
+    ``folder`` is the version's folder, ``root`` the index root (shared re-scoring vectors: :func:`fill_shard`).
+    """
     import ray
 
     count = located.num_rows
@@ -397,9 +539,12 @@ def build_shards(
         print(f"reusing trained index {trained_url}")
     else:
         positions = sample_positions(count, plan.training_sample, plan.seed) if plan.training_sample else np.arange(0)
-        vectors = read_training_vectors(located, positions) if len(positions) else np.zeros((1, dimension), dtype=np.float32)
         print(f"training {plan.factory} on {len(positions)} vectors" if len(positions) else f"{plan.factory}: nothing to train")
-        trained = ray.get(ray.remote(num_cpus=1)(train_index).remote(plan.factory, vectors, plan.seed))
+        if len(positions):
+            train = ray.remote(num_cpus=1)(train_on_sample).remote(plan.factory, training_sources(located, positions), len(positions), plan.seed)
+        else:
+            train = ray.remote(num_cpus=1)(train_index).remote(plan.factory, np.zeros((1, dimension), dtype=np.float32), plan.seed)
+        trained = ray.get(train)
         storage.write_bytes_atomically(trained_url, trained)
     trained_reference = ray.put(trained)
     stats: dict[int, dict] = {}
@@ -411,7 +556,7 @@ def build_shards(
             stats[shard] = storage.read_json(stats_url)
             continue
         sources = sources_for_range(located, start, end)
-        pending[fill.remote(trained_reference, sources, start, end - start, dimension, folder, shard)] = shard
+        pending[fill.remote(trained_reference, sources, start, end - start, dimension, folder, shard, root)] = shard
     if stats:
         print(f"reusing {len(stats)} finished shard(s)")
     from tqdm import tqdm

@@ -3,7 +3,8 @@
 Stages, in order (each in its own module):
 1. documents: read and validate every row in Ray tasks; find duplicate ids;
 2. embedding: embed only the documents whose (id, text_hash) the embedding store lacks;
-3. index_building: choose parameters, train once, fill shards in parallel;
+3. index_building: choose parameters, train once, fill shards in parallel; then sparse_index (BM25
+   shards) and document_store (the texts by position, for reranking), unchanged files reused;
 4. index_store: write doc ids, quarantine, summary, then the manifest last, then move CURRENT.
 
 A rerun after a crash at any point repeats no finished work: stored embeddings, the trained index
@@ -20,12 +21,13 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 import pipelines
 from pipelines import index_store, storage
 from pipelines.config import config_to_dict
+from pipelines.document_store import STORE_FORMAT as DOCUMENT_STORE_FORMAT
+from pipelines.document_store import build_document_store
 from pipelines.documents import CorpusConfig, ValidatedCorpus, validate_corpus
 from pipelines.embedding import (
     EmbeddingConfig,
@@ -39,6 +41,7 @@ from pipelines.index_building import (
     IndexConfig,
     build_shards,
     choose_index_parameters,
+    hash_join,
     locate_vectors,
     sample_positions,
     shard_ranges,
@@ -78,8 +81,14 @@ class BuildIndexConfig:
         storage.require_input(self.corpus, "corpus")
 
 
-def _rows_to_embed(batch: pa.Table, order_keys: pa.Array, columns: tuple[str, ...] = ("id", "text_hash", "content")) -> pa.Table:
-    return batch.filter(pc.is_in(batch["order_key"], value_set=resolve_broadcast(order_keys))).select(list(columns))
+def _rows_to_embed(batch: pa.Table, order_keys, columns: tuple[str, ...] = ("id", "text_hash", "content")) -> pa.Table:
+    """The rows of ``batch`` whose order key is in ``order_keys`` (sorted; a binary search per row, where a hash
+    set of every key would be rebuilt for every batch)."""
+    keys = np.asarray(resolve_broadcast(order_keys), dtype=np.int64)
+    wanted = batch["order_key"].to_numpy()
+    found = np.searchsorted(keys, wanted)
+    keep = keys[np.minimum(found, len(keys) - 1)] == wanted if len(keys) else np.zeros(len(wanted), dtype=bool)
+    return batch.filter(pa.array(keep)).select(list(columns))
 
 
 def calibration_texts(validated, documents: pa.Table, count: int, seed: int) -> list[str]:
@@ -143,14 +152,15 @@ def embed_missing(corpus: ValidatedCorpus, documents: pa.Table, config: BuildInd
             config.embedding, index_url, lambda: calibration_texts(corpus.rows, documents, config.embedding.calibration_documents, config.faiss.seed)
         )
     store = EmbeddingStore(index_url, config.embedding, quantized)
-    stored_keys = store.keys().select(["id", "text_hash"]).group_by(["id", "text_hash"]).aggregate([])
-    missing = documents.join(stored_keys, ["id", "text_hash"], join_type="left anti", use_threads=False)
+    # Only the order keys of the missing documents (sorted int64) stay on the driver and travel to the read tasks.
+    missing = hash_join(documents.select(["id", "text_hash", "order_key"]), store.keys().select(["id", "text_hash"]), ["id", "text_hash"], "left anti", ["order_key"], partition_by="text_hash")
+    missing = np.sort(missing["order_key"].to_numpy())
     started = time.perf_counter()
     embedded = 0
-    if missing.num_rows:
-        to_embed = corpus.rows.map_batches(_rows_to_embed, fn_args=(ray.put(missing["order_key"].combine_chunks()),), batch_format="pyarrow")
-        embedded, _ = embed_documents(to_embed, store, config.embedding, quantized["url"] if quantized else "", rows=missing.num_rows)
-    run = EmbeddingRun(store, quantized, embedded, documents.num_rows - missing.num_rows, time.perf_counter() - started)
+    if len(missing):
+        to_embed = corpus.rows.map_batches(_rows_to_embed, fn_args=(ray.put(missing),), batch_format="pyarrow")
+        embedded, _ = embed_documents(to_embed, store, config.embedding, quantized["url"] if quantized else "", rows=len(missing))
+    run = EmbeddingRun(store, quantized, embedded, documents.num_rows - len(missing), time.perf_counter() - started)
     print(f"embedded {run.embedded} documents, reused {run.reused} stored vectors")
     return run
 
@@ -176,7 +186,10 @@ def _build_index(config: BuildIndexConfig, corpus_url: str, index_url: str) -> d
     if embedding.quantized:  # queries must be embedded by the same int8 model (relative: the root may be mirrored or moved)
         model_settings["quantized_model"] = embedding.quantized["path"]
     sparse_settings = config.bm25.settings() if config.sparse else None
-    version_id = version_fingerprint(documents, plan, {**model_settings, "sparse": sparse_settings} if sparse_settings else model_settings)
+    # The document store's format is part of what a version holds: a version built before the store (same inputs)
+    # is not taken as complete, so rebuilding gives the query job a store to read.
+    identity = {**model_settings, **({"sparse": sparse_settings} if sparse_settings else {}), "documents_store": DOCUMENT_STORE_FORMAT}
+    version_id = version_fingerprint(documents, plan, identity)
     folder = index_store.version_url(index_url, version_id)
     if storage.exists(storage.join_url(folder, "manifest.json")):
         print(f"version {version_id} is already complete; nothing to rebuild")
@@ -191,13 +204,16 @@ def _build_index(config: BuildIndexConfig, corpus_url: str, index_url: str) -> d
     quarantine_url = storage.join_url(folder, "quarantine")
     quarantined = corpus.write_quarantine(quarantine_url)
     index_started = time.perf_counter()
-    shards = build_shards(located, plan, dimension, folder)
+    shards = build_shards(located, plan, dimension, folder, index_url)
     index_seconds = time.perf_counter() - index_started
     sparse, sparse_seconds = None, 0.0
     if config.sparse:
         sparse_started = time.perf_counter()
         sparse = build_sparse_shards(corpus.rows, documents, shard_ranges(documents.num_rows, plan.shards), config.bm25, index_url, folder)
         sparse_seconds = time.perf_counter() - sparse_started
+    store_started = time.perf_counter()
+    documents_store = build_document_store(corpus.rows, documents, index_url)  # texts by position, for reranking
+    store_seconds = time.perf_counter() - store_started
 
     # 5. Doc ids, summary, manifest (last), CURRENT (index_store).
     summary = {
@@ -217,6 +233,9 @@ def _build_index(config: BuildIndexConfig, corpus_url: str, index_url: str) -> d
         "sparse_seconds": round(sparse_seconds, 2),
         "sparse_bytes": sum(shard["bytes"] for shard in sparse["shards"]) + sparse["statistics"]["bytes"] if sparse else 0,
         "sparse_shards_reused": sum(shard["reused"] for shard in sparse["shards"]) if sparse else 0,
+        "documents_store_seconds": round(store_seconds, 2),
+        "documents_store_bytes": sum(entry["bytes"] for entry in documents_store["files"]),
+        "documents_store_files_reused": sum(entry["reused"] for entry in documents_store["files"]),
         "wall_seconds": round(time.perf_counter() - started, 2),
     }
     manifest = index_store.Manifest(
@@ -232,6 +251,7 @@ def _build_index(config: BuildIndexConfig, corpus_url: str, index_url: str) -> d
         embeddings={"url": public_url(embedding.store.url, index_url, config.index)},
         quarantine={"url": public_url(quarantine_url, index_url, config.index), "count": quarantined},
         sparse=sparse,
+        documents_store=documents_store,
     )
     manifest.write_version(index_url, documents, summary, publish_now=config.publish)
     return summary
@@ -255,6 +275,8 @@ def summary_table(summary: dict[str, Any]) -> str:
         ("shards", summary["shards"]),
         ("index bytes", summary["index_bytes"]),
         ("BM25", f"{summary['sparse_bytes']:,} bytes, {summary['sparse_seconds']} s, {summary['sparse_shards_reused']} shard(s) reused" if summary.get("sparse") else "off"),
+        ("document store", (f"{summary.get('documents_store_bytes', 0):,} bytes, {summary.get('documents_store_seconds', 0.0)} s, "
+                            f"{summary.get('documents_store_files_reused', 0)} file(s) reused")),
         ("wall time (s)", float(summary["wall_seconds"])),
     ]
     return format_table(rows, title=f"index version {summary['version_id']}")

@@ -8,9 +8,7 @@ network. Anything else is handed to sentence-transformers as it is (a local fold
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 
-import numpy as np
 
 BUNDLED_MODEL = "bundled"
 BUNDLED_MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
@@ -115,17 +113,3 @@ def resolve_precision(precision: str, device: str, int8: bool = False) -> str:
         raise ValueError("precision int8 is the CPU path (OpenVINO); use fp16 or bf16 on a GPU")
     return precision
 
-
-def length_bucket_groups(tokenizer, items: Sequence, max_length: int) -> list[np.ndarray]:
-    """Row indices of ``items`` grouped by length bucket (:mod:`pipelines.token_batches`), longest first.
-
-    The torch paths run ``encode``/``predict`` once per group, so a batch is padded within its
-    texts' own bucket and a text's result does not depend on texts of other lengths beside it.
-    """
-    from pipelines.token_batches import padded_length, tokenize_unpadded
-
-    if not len(items):
-        return []
-    lengths = [len(ids) for ids in tokenize_unpadded(tokenizer, items, max_length)["input_ids"]]
-    buckets = np.asarray([padded_length(n, max(max_length, n)) for n in lengths])
-    return [np.nonzero(buckets == bucket)[0] for bucket in sorted(set(buckets.tolist()), reverse=True)]

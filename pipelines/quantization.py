@@ -213,14 +213,13 @@ class QuantizedModel:
     def _run(self, items: Sequence) -> np.ndarray:
         """Model outputs for ``items`` in their order, each independent of its batch neighbours
         (see :mod:`pipelines.token_batches`)."""
-        from pipelines.token_batches import bucketed_batches, tokenize_unpadded
+        from pipelines.token_batches import run_bucketed
 
-        outputs = np.zeros((len(items), int(self.settings["dimension"])), dtype=np.float32)
         if not len(items):
-            return outputs
-        encodings = tokenize_unpadded(self.tokenizer, items, self.max_length)
-        for rows, features in bucketed_batches(encodings, self.batch_size, self.max_length, self.tokenizer.pad_token_id, self.input_names):
-            outputs[rows] = np.asarray(self.compiled(features)[0], dtype=np.float32).reshape(len(rows), -1)
+            return np.zeros((0, int(self.settings["dimension"])), dtype=np.float32)
+        outputs = run_bucketed(
+            self.tokenizer, items, self.max_length, self.batch_size, lambda features: np.asarray(self.compiled(features)[0]).reshape(len(features["input_ids"]), -1), self.input_names
+        )
         return outputs
 
 

