@@ -512,6 +512,10 @@ def run_size(arguments, docs: int, workdir: Path, models: tuple[str, str], queri
     monitor.result.extra = {"pairs": rerank_summary["pairs_reranked"], "pairs_per_s": rerank_summary["pairs_reranked"] / monitor.result.wall_s}
     print(f"  rerank: {rerank_queries:,} queries x {arguments.rerank_depth} in {monitor.result.wall_s:.1f} s = {monitor.result.extra['pairs_per_s']:,.0f} pairs/s", flush=True)
 
+    # 4. Texts for reranking from the version's document store: random positions, in the reranker's batches.
+    fetch = measure_text_fetch(str(index_root), docs, arguments.rerank_depth, arguments.seed)
+    print(f"  text fetch: {fetch['texts']:,} random texts in batches of {fetch['batch']:,}: {fetch['texts_per_second']:,.0f} texts/s", flush=True)
+
     if not arguments.keep:
         shutil.rmtree(run_folder, ignore_errors=True)
     return {
@@ -519,8 +523,24 @@ def run_size(arguments, docs: int, workdir: Path, models: tuple[str, str], queri
         "corpus": str(corpus),
         "stages": {name: result.__dict__ for name, result in stages.items()},
         "embedding": embedding_row,
+        "text_fetch": fetch,
         "summaries": {"build_index": build_summary, "first_stage": first_summary, "rerank": rerank_summary},
     }
+
+
+def measure_text_fetch(index_root: str, docs: int, depth: int, seed: int, texts: int = 200_000) -> dict[str, float]:
+    """Texts/s the reranker's reader fetches from the document store, at random positions, in batches of
+    ``depth`` x the queries of one reranker block (the query job's ``_rows_per_block``)."""
+    import ray
+
+    from pipelines import index_store
+    from pipelines.document_store import DocumentStoreReader, fetch_rate
+
+    manifest = index_store.read_manifest(index_root)
+    doc_ids = index_store.load_doc_ids(index_root, manifest)
+    reader = DocumentStoreReader(index_root, manifest, ray.put(doc_ids["text_hash"].combine_chunks()))
+    positions = np.random.default_rng(seed).integers(0, docs, size=texts)
+    return fetch_rate(reader, positions, depth * max(1, 2048 // depth))
 
 
 # --------------------------------------------------------------------------- index only

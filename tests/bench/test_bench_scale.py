@@ -102,6 +102,7 @@ def test_bench_scale_small_run_reports_every_stage(tmp_path):
             if name != "plain_encode":
                 assert stage["worker_peak_rss_bytes"] > 0 and stage["worker_peak_role"].startswith("ray::") and stage["bytes_written"] > 0, name
         assert run["embedding"]["pipeline_docs_per_s"] > 0 and run["embedding"]["plain_docs_per_s"] > 0 and run["embedding"]["ratio"] > 0
+        assert run["text_fetch"]["texts"] == 200_000 and run["text_fetch"]["texts_per_second"] > 0
         assert run["summaries"]["build_index"]["indexed"] == run["docs"]
         assert run["summaries"]["first_stage"]["queries_run"] == 2000 and run["summaries"]["rerank"]["queries_run"] == 200
     assert set(payload["scaling"]) == set(scale.STAGES) and all(math.isfinite(k) for k in payload["scaling"].values())
