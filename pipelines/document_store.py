@@ -37,7 +37,6 @@ storage), which is what this store exists to avoid.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections import OrderedDict
 from typing import Any
@@ -64,11 +63,9 @@ def file_ranges(count: int, rows_per_file: int = ROWS_PER_FILE) -> list[tuple[in
 
 def file_key(documents: pa.Table, rows_per_batch: int = ROWS_PER_BATCH) -> str:
     """The name of a range's file: the store format and the range's documents (id, text_hash, in order)."""
-    digest = hashlib.sha256(f"{STORE_FORMAT} {rows_per_batch}\n".encode())
-    for column in ("id", "text_hash"):
-        digest.update("\n".join(documents[column].to_pylist()).encode())
-        digest.update(b"\0")
-    return digest.hexdigest()[:24]
+    from pipelines.index_building import documents_digest
+
+    return documents_digest(f"{STORE_FORMAT} {rows_per_batch}\n".encode(), documents)[:24]
 
 
 def store_file(key: str) -> str:

@@ -458,12 +458,17 @@ def version_fingerprint(documents: pa.Table, plan: IndexPlan, model_settings: di
     whatever the table's chunking. Ids from before this scheme (which hashed one joined string) differ:
     those versions stay readable, but a rebuild of the same inputs writes a new version beside them.
     """
-    digest = hashlib.sha256()
-    digest.update(json.dumps({"plan": plan.__dict__, "model": model_settings}, sort_keys=True).encode())
+    return documents_digest(json.dumps({"plan": plan.__dict__, "model": model_settings}, sort_keys=True).encode(), documents)[:16]
+
+
+def documents_digest(settings: bytes, documents: pa.Table) -> str:
+    """sha256 (hex) of ``settings`` then the documents' ``id`` and ``text_hash`` columns, in order (:func:`digest_strings`):
+    what names a version, and each content-addressed file shared by versions (BM25 shards, document store)."""
+    digest = hashlib.sha256(settings)
     for column in ("id", "text_hash"):
         digest_strings(digest, documents[column], column, FINGERPRINT_BLOCK_ROWS)
         digest.update(b"\0")
-    return digest.hexdigest()[:16]
+    return digest.hexdigest()
 
 
 def digest_strings(digest, values: pa.Array | pa.ChunkedArray, name: str = "values", block_rows: int = FINGERPRINT_BLOCK_ROWS) -> None:

@@ -20,7 +20,6 @@ there with its defaults (k1 1.5, b 0.75, English stopwords, Snowball stemmer); b
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 from dataclasses import dataclass, field
@@ -223,11 +222,9 @@ def bm25_model(counts: TermCounts, statistics: GlobalStatistics, config: Bm25Con
 
 def shard_key(documents: pa.Table, config: Bm25Config) -> str:
     """The name of a shard's term-count file: its tokenizer settings and its documents (id, text_hash, order)."""
-    digest = hashlib.sha256(json.dumps(config.settings(), sort_keys=True).encode())
-    for column in ("id", "text_hash"):
-        digest.update("\n".join(documents[column].to_pylist()).encode())
-        digest.update(b"\0")
-    return digest.hexdigest()[:24]
+    from pipelines.index_building import documents_digest
+
+    return documents_digest(json.dumps(config.settings(), sort_keys=True).encode(), documents)[:24]
 
 
 def shard_file(key: str) -> str:
