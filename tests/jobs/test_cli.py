@@ -58,7 +58,7 @@ def inputs(tmp_path_factory):
         ("build_index", ["--corpus", "{inputs}/missing.jsonl", "--index", "{inputs}/idx"], "--corpus {inputs}/missing.jsonl: no such file or folder"),
         ("build_index", ["--corpus", "{inputs}/corpus.jsonl", "--index", "{inputs}/idx", "--config", "{inputs}/bad.yaml"], "{inputs}/bad.yaml: line 3 not valid YAML"),
         ("build_index", ["--corpus", "{inputs}/corpus.jsonl", "--index", "{inputs}/idx", "--config", "{inputs}/typo.yaml"], "unknown setting 'embedding.batch_sise'"),
-        ("build_index", ["--corpus", "{inputs}/corpus.jsonl", "--index", "{inputs}/idx", "--embedding.batch-size", "0"], "--embedding.batch-size 0: must be at least 1"),
+        ("build_index", ["--corpus", "{inputs}/corpus.jsonl", "--index", "{inputs}/idx", "--embedding.batch-size", "-1"], "--embedding.batch-size -1: must be at least 0"),
         ("build_index", ["--corpus", "{inputs}/corpus.jsonl", "--index", "{inputs}/idx", "--faiss.memory-budget", "lots"], "--faiss.memory-budget lots: "),
         ("retrieve_rerank", ["--index", "{inputs}/idx", "--queries", "{inputs}/queries.jsonl", "--output", "{inputs}/run", "--top-k", "0"], "--search.top-k 0: must be at least 1"),
         ("retrieve_rerank", ["--index", "{inputs}/idx", "--queries", "{inputs}/queries.jsonl", "--output", "{inputs}/run", "--version", "../../etc"], "is not a plain name"),
@@ -108,7 +108,7 @@ def test_help_keeps_the_examples_on_their_own_lines_and_shows_each_default_once(
 
     text = build_argument_parser(BuildIndexConfig, description).format_help()
     assert "\nLocal:      python -m jobs.build_index" in text
-    assert "(default:" not in text and text.count("[default: 32]") >= 1
+    assert "(default:" not in text and text.count("[default: 256]") >= 1
 
 
 def test_nested_settings_are_validated():
