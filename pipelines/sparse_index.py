@@ -122,6 +122,36 @@ class TermCounts:
             lengths=lengths,
         )
 
+    @classmethod
+    def stack(cls, parts: list[TermCounts]) -> TermCounts:
+        """Several parts' documents, in order, over the union of their vocabularies (sorted as ``from_tokens`` sorts)."""
+        import scipy.sparse as sp
+
+        terms = np.asarray(sorted(set().union(*(part.terms.tolist() for part in parts))), dtype=str)
+        if not parts or not terms.size:
+            lengths = np.concatenate([part.lengths for part in parts]) if parts else np.zeros(0, np.int64)
+            return cls(terms, np.zeros(len(lengths) + 1, np.int64), np.zeros(0, np.int32), np.zeros(0, np.int32), lengths.astype(np.int64))
+        matrices = [sp.csr_matrix((part.counts, np.searchsorted(terms, part.terms)[part.indices], part.indptr), shape=(part.documents, len(terms)))
+                    for part in parts]
+        return cls._from_matrix(terms, sp.vstack(matrices, format="csr"), np.concatenate([part.lengths for part in parts]))
+
+    def take(self, rows: np.ndarray) -> TermCounts:
+        """The documents ``rows`` (in that order) over the terms they use, as ``from_tokens`` would count them."""
+        import scipy.sparse as sp
+
+        rows = np.asarray(rows, dtype=np.int64)
+        matrix = sp.csr_matrix((self.counts, self.indices, self.indptr), shape=(self.documents, len(self.terms)))[rows]
+        used = np.unique(matrix.indices)
+        if len(used) < len(self.terms):
+            matrix = sp.csr_matrix((matrix.data, np.searchsorted(used, matrix.indices), matrix.indptr), shape=(len(rows), len(used)))
+        return self._from_matrix(self.terms[used], matrix, self.lengths[rows])
+
+    @classmethod
+    def _from_matrix(cls, terms: np.ndarray, matrix, lengths: np.ndarray) -> TermCounts:
+        matrix.sort_indices()
+        return cls(terms=terms, indptr=matrix.indptr.astype(np.int64), indices=matrix.indices.astype(np.int32), counts=matrix.data.astype(np.int32),
+                   lengths=np.asarray(lengths, dtype=np.int64))
+
     @property
     def documents(self) -> int:
         return len(self.lengths)
@@ -232,8 +262,11 @@ def shard_file(key: str) -> str:
     return f"{SPARSE_FOLDER}/{key}.npz"
 
 
-class ShardTokenizer:
-    """Ray Data callable class: tokenizes corpus rows into (shard, position, terms) for the shards to build."""
+class ShardTermCounter:
+    """Ray Data callable class: a block of corpus rows into one term-count part per shard it touches.
+
+    Counting happens here, next to tokenization, so no token lists cross the object store: a part
+    holds the compact CSR counts of the block's documents of one shard and their positions."""
 
     def __init__(self, config: Bm25Config):
         self.tokenize = Tokenizer(config)
@@ -244,21 +277,25 @@ class ShardTokenizer:
         mapping = resolve_broadcast(positions_by_key)  # order_key -> position, for documents of shards to build
         shard_of = resolve_broadcast(shard_by_position)
         chosen = batch.filter(pc.is_in(batch["order_key"], value_set=mapping["order_key"]))
-        index = pc.index_in(chosen["order_key"], value_set=mapping["order_key"])
-        positions = mapping["position"].take(index).to_numpy()
-        tokens = self.tokenize(chosen["content"].to_pylist())
-        return pa.table({
-            "shard": pa.array(shard_of[positions], pa.int32()),
-            "position": pa.array(positions, pa.int64()),
-            "terms": pa.array(tokens, pa.list_(pa.string())),
-        })
+        positions = mapping["position"].take(pc.index_in(chosen["order_key"], value_set=mapping["order_key"])).to_numpy()
+        counts = TermCounts.from_tokens(self.tokenize(chosen["content"].to_pylist()))
+        shards = shard_of[positions]
+        parts = {"shard": [], "positions": [], "counts": []}
+        for shard in np.unique(shards).tolist():
+            rows = np.flatnonzero(shards == shard)
+            parts["shard"].append(shard)
+            parts["positions"].append(positions[rows])
+            parts["counts"].append(counts.take(rows).to_bytes())
+        return pa.table({"shard": pa.array(parts["shard"], pa.int32()), "positions": pa.array(parts["positions"], pa.list_(pa.int64())),
+                         "counts": pa.array(parts["counts"], pa.large_binary())})
 
 
-def write_shard_counts(rows: pa.Table, root: str, keys: dict[int, str]) -> pa.Table:
-    """Ray Data group function: one shard's tokenized rows into its term-count file (atomic); returns its stats row."""
-    rows = rows.sort_by("position")
-    shard = int(rows["shard"][0].as_py())
-    counts = TermCounts.from_tokens(rows["terms"].to_pylist())
+def write_shard_counts(parts: pa.Table, root: str, keys: dict[int, str]) -> pa.Table:
+    """Ray Data group function: one shard's term-count parts, in position order, into its file (atomic); returns its stats row."""
+    shard = int(parts["shard"][0].as_py())
+    stacked = TermCounts.stack([TermCounts.from_bytes(blob) for blob in parts["counts"].to_pylist()])
+    positions = pc.list_flatten(parts["positions"]).to_numpy()
+    counts = stacked.take(np.argsort(positions, kind="stable"))
     data = counts.to_bytes()
     sha = storage.write_bytes_atomically(storage.join_url(root, shard_file(keys[shard])), data)
     return pa.table({"shard": [shard], "sha256": [sha], "bytes": [len(data)], "documents": [counts.documents]})
@@ -280,7 +317,7 @@ def build_sparse_shards(rows, documents: pa.Table, ranges: list[tuple[int, int]]
 
     ``rows`` is the validated corpus (Ray Dataset with order_key and content); ``documents`` has
     position, order_key, id and text_hash for every indexed document. Only shards whose file is
-    missing are tokenized (in parallel Ray tasks, grouped by shard); statistics come from all shards.
+    missing are tokenized and counted per block (in parallel actors), then the parts are stacked per shard; statistics come from all shards.
     """
     import ray
     from tqdm import tqdm
@@ -299,11 +336,11 @@ def build_sparse_shards(rows, documents: pa.Table, ranges: list[tuple[int, int]]
             wanted.append(documents.slice(start, end - start).select(["order_key", "position"]))
         mapping = pa.concat_tables(wanted).combine_chunks()
         print(f"BM25: tokenizing {mapping.num_rows} documents for {len(missing)} shard(s)")
-        tokenized = rows.map_batches(
-            ShardTokenizer, fn_constructor_args=(config,), fn_args=(ray.put(mapping), ray.put(shard_by_position)),
+        parts = rows.map_batches(
+            ShardTermCounter, fn_constructor_args=(config,), fn_args=(ray.put(mapping), ray.put(shard_by_position)),
             batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, int(ray.cluster_resources().get("CPU", 1)) - 1)), num_cpus=0.5,
         )
-        written = collect(tokenized.groupby("shard").map_groups(write_shard_counts, fn_args=(root, keys), batch_format="pyarrow", num_cpus=0.5))
+        written = collect(parts.groupby("shard").map_groups(write_shard_counts, fn_args=(root, keys), batch_format="pyarrow", num_cpus=0.5))
         for row in written.to_pylist() if written is not None else []:
             built[row["shard"]] = row
     reused = len(keys) - len(built)

@@ -248,3 +248,17 @@ def test_ties_at_the_top_k_boundary_go_to_the_smaller_positions(bm25):
 def test_bm25_config_rejects_an_unknown_stopword_list():
     with pytest.raises(ValueError, match="stopwords"):
         Bm25Config(stopwords="klingon").validate()
+
+
+def test_parts_counted_per_block_stack_into_the_whole_shard(tokens):
+    # As build_sparse_shards does: blocks arrive in any order, each counted alone; stacking the parts
+    # and sorting by position gives the same file as counting the whole shard at once.
+    whole = TermCounts.from_tokens(tokens)
+    shuffled = np.random.default_rng(3).permutation(len(tokens))
+    blocks = np.array_split(shuffled, 5)
+    parts = [TermCounts.from_tokens([tokens[i] for i in block]) for block in blocks]
+    stacked = TermCounts.stack(parts).take(np.argsort(np.concatenate(blocks), kind="stable"))
+    assert stacked.to_bytes() == whole.to_bytes()
+    # A part taken from a block keeps only the terms its own documents use.
+    assert whole.take(np.arange(10, 20)).to_bytes() == TermCounts.from_tokens(tokens[10:20]).to_bytes()
+    assert TermCounts.stack([TermCounts.from_tokens([[], []])]).to_bytes() == TermCounts.from_tokens([[], []]).to_bytes()
