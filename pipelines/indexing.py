@@ -50,6 +50,7 @@ from pipelines.index_building import (
 from pipelines.models import check_model_reference, resolve_precision
 from pipelines.quantization import int8_available
 from pipelines.sparse_index import Bm25Config, build_sparse_shards
+from pipelines.sparse_index import shard_count as sparse_shard_count
 from pipelines.runtime import (
     collect,
     ensure_ray,
@@ -209,7 +210,8 @@ def _build_index(config: BuildIndexConfig, corpus_url: str, index_url: str) -> d
     sparse, sparse_seconds = None, 0.0
     if config.sparse:
         sparse_started = time.perf_counter()
-        sparse = build_sparse_shards(corpus.rows, documents, shard_ranges(documents.num_rows, plan.shards), config.bm25, index_url, folder)
+        sparse = build_sparse_shards(corpus.rows, documents, shard_ranges(documents.num_rows, sparse_shard_count(documents.num_rows, plan.shards)),
+                                     config.bm25, index_url, folder)
         sparse_seconds = time.perf_counter() - sparse_started
     store_started = time.perf_counter()
     documents_store = build_document_store(corpus.rows, documents, index_url)  # texts by position, for reranking

@@ -262,3 +262,15 @@ def test_parts_counted_per_block_stack_into_the_whole_shard(tokens):
     # A part taken from a block keeps only the terms its own documents use.
     assert whole.take(np.arange(10, 20)).to_bytes() == TermCounts.from_tokens(tokens[10:20]).to_bytes()
     assert TermCounts.stack([TermCounts.from_tokens([[], []])]).to_bytes() == TermCounts.from_tokens([[], []]).to_bytes()
+
+
+def test_matches_are_the_positive_scores_and_leave_the_scratch_clean(searchers, bm25):
+    tokenize = Tokenizer(bm25)
+    for terms in tokenize(random_queries())[:40] + [[], ["zzzunknown"]]:
+        for searcher in searchers:
+            for query in (terms, terms + terms[:1]):  # a repeated term counts twice, as in bm25s
+                expected = searcher.scores(query)
+                rows, values = searcher.matches(query)
+                assert np.array_equal(np.sort(rows), np.flatnonzero(expected > 0))
+                assert np.array_equal(values, expected[rows])
+                assert not searcher._sums.any()
