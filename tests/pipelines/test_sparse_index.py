@@ -274,3 +274,12 @@ def test_matches_are_the_positive_scores_and_leave_the_scratch_clean(searchers, 
                 assert np.array_equal(np.sort(rows), np.flatnonzero(expected > 0))
                 assert np.array_equal(values, expected[rows])
                 assert not searcher._sums.any()
+
+
+def test_bm25_shards_follow_dense_shards_up_to_a_size_cap():
+    from pipelines.sparse_index import MAX_SHARD_DOCUMENTS, shard_count
+
+    assert shard_count(5_183, 1) == 1 and shard_count(0, 1) == 1
+    assert shard_count(1_000_000, 1) == 1_000_000 // MAX_SHARD_DOCUMENTS
+    assert shard_count(MAX_SHARD_DOCUMENTS + 1, 1) == 2
+    assert shard_count(1_000_000, 8) == 8
