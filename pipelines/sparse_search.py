@@ -55,10 +55,6 @@ class SparseShardSearcher:
         self.first_position = int(first_position)
         self.documents = counts.documents
         self.config = config
-        matrix = self.model.scores  # CSC: one column of (document, score) entries per term
-        self._data, self._indices, self._indptr = matrix["data"], matrix["indices"], matrix["indptr"]
-        self._sums = np.zeros(self.documents, dtype=self._data.dtype)  # scratch, all zero between queries
-        self._last = np.zeros(self.documents, dtype=np.int64)  # scratch: the last entry naming each document
 
     def scores(self, query_terms: list[str]) -> np.ndarray:
         """BM25 scores of every document of the shard for one tokenized query (bm25s: a repeated term counts twice)."""
@@ -76,38 +72,18 @@ class SparseShardSearcher:
         top_k = self.config.top_k
         positions, scores = empty_candidates(len(queries), top_k)
         for row, terms in enumerate(queries):
-            matching, values = self.matches(terms)
+            values = self.scores(terms)
+            matching = np.flatnonzero(values > 0)
+            if not len(matching):
+                continue
             if len(matching) > top_k:  # keep every document tied with the K-th score: smaller positions win below
-                kth = np.partition(values, len(values) - top_k)[len(values) - top_k]
-                tied_or_better = values >= kth
-                matching, values = matching[tied_or_better], values[tied_or_better]
-            order = np.lexsort((matching, -values))[:top_k]
-            positions[row, : len(order)] = matching[order] + self.first_position
-            scores[row, : len(order)] = values[order]
+                kth = np.partition(values[matching], len(matching) - top_k)[len(matching) - top_k]
+                matching = matching[values[matching] >= kth]
+            order = np.lexsort((matching, -values[matching]))[:top_k]
+            chosen = matching[order]
+            positions[row, : len(chosen)] = chosen + self.first_position
+            scores[row, : len(chosen)] = values[chosen]
         return positions, scores
-
-    def matches(self, query_terms: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """(shard rows, scores) of the documents with a positive score: :meth:`scores` without its zeros.
-
-        Work is proportional to the query terms' postings, not to the shard's documents: the term
-        columns are added into a scratch array (float32, in query-term order, as bm25s adds them, so
-        the scores are bit for bit :meth:`scores`), read back at the rows they touched, and reset.
-        """
-        ids = self.model.get_tokens_ids(query_terms)
-        if not ids or not self.documents:
-            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
-        columns = [slice(self._indptr[term], self._indptr[term + 1]) for term in ids]
-        for column in columns:  # one entry per document in a column: no repeated index within an add
-            self._sums[self._indices[column]] += self._data[column]
-        rows = np.concatenate([self._indices[column] for column in columns]).astype(np.int64)
-        if len(columns) > 1:  # each document once: keep the entry the last write of its own number names
-            entries = np.arange(len(rows))
-            self._last[rows] = entries
-            rows = rows[self._last[rows] == entries]
-        values = self._sums[rows].astype(np.float32)
-        self._sums[rows] = 0
-        positive = values > 0
-        return rows[positive], values[positive]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         new_positions, new_scores = self.search([str(text) for text in batch["query_text"]])

@@ -264,18 +264,6 @@ def test_parts_counted_per_block_stack_into_the_whole_shard(tokens):
     assert TermCounts.stack([TermCounts.from_tokens([[], []])]).to_bytes() == TermCounts.from_tokens([[], []]).to_bytes()
 
 
-def test_matches_are_the_positive_scores_and_leave_the_scratch_clean(searchers, bm25):
-    tokenize = Tokenizer(bm25)
-    for terms in tokenize(random_queries())[:40] + [[], ["zzzunknown"]]:
-        for searcher in searchers:
-            for query in (terms, terms + terms[:1]):  # a repeated term counts twice, as in bm25s
-                expected = searcher.scores(query)
-                rows, values = searcher.matches(query)
-                assert np.array_equal(np.sort(rows), np.flatnonzero(expected > 0))
-                assert np.array_equal(values, expected[rows])
-                assert not searcher._sums.any()
-
-
 def test_bm25_shards_follow_dense_shards_up_to_a_size_cap():
     from pipelines.sparse_index import MAX_SHARD_DOCUMENTS, shard_count
 
