@@ -599,7 +599,6 @@ def generate_vectors(workdir: Path, count: int, queries: np.ndarray, recall_quer
 
 def run_index_only(arguments, workdir: Path, spill: Path) -> dict[str, Any]:
     """Build the index of ``--vectors`` stored synthetic vectors with the pipeline's index steps, then search it shard by shard."""
-    import psutil
     import pyarrow as pa
 
     from bench.index import SyntheticSpec, SyntheticVectors, recall
@@ -610,12 +609,6 @@ def run_index_only(arguments, workdir: Path, spill: Path) -> dict[str, Any]:
         build_shards,
         choose_index_parameters,
         locate_vectors,
-    )
-    from pipelines.shard_search import (
-        SearchConfig,
-        ShardSearcher,
-        empty_candidates,
-        merge_top_k,
     )
 
     count = arguments.vectors
@@ -654,28 +647,13 @@ def run_index_only(arguments, workdir: Path, spill: Path) -> dict[str, Any]:
         del documents
     build = monitor.result
 
-    # Search: one shard in memory at a time, every query batch through it, candidates merged across shards.
-    config = SearchConfig(top_k=TOP_K)
-    positions, scores = empty_candidates(len(queries), TOP_K)
-    search_s = 0.0
-    ram_bytes = rss_growth = 0
-    process = psutil.Process()
-    with StageMonitor("index_search", len(queries)) as search_monitor:
-        for shard in range(len(shards)):
-            gc.collect()
-            before = process.memory_info().rss
-            searcher = ShardSearcher(str(root), version_id, shard, config, threads=arguments.cpus)
-            rss_growth += process.memory_info().rss - before
-            vectors = getattr(searcher.shard, "vectors", None)
-            ram_bytes += int(shards[shard]["bytes"]) + (int(vectors.nbytes) if vectors is not None else 0)
-            for start in range(0, len(queries), config.queries_per_batch):
-                batch = queries[start : start + config.queries_per_batch]
-                started = time.perf_counter()
-                new_positions, new_scores = searcher.search(batch)
-                merged = merge_top_k(positions[start : start + len(batch)], scores[start : start + len(batch)], new_positions, new_scores, TOP_K)
-                search_s += time.perf_counter() - started
-                positions[start : start + len(batch)], scores[start : start + len(batch)] = merged
-            del searcher, vectors
+    points = []
+    for nprobe in [0] + [value for value in arguments.nprobes if plan.nprobe and value != plan.nprobe]:  # 0: the version's own (the rule's); none for Flat
+        with StageMonitor("index_search", len(queries)) as search_monitor:
+            positions, search_s, ram_bytes, rss_growth = search_shard_by_shard(str(root), version_id, shards, queries, nprobe, arguments.cpus)
+        points.append({"nprobe": nprobe or plan.nprobe, "queries_per_s": len(queries) / search_s, "speedup_vs_flat": len(queries) / search_s / spec["flat_queries_per_s"],
+                       "recall_at_100": recall(positions[: len(truth)], truth, TOP_K), "search_s": search_s, "stage": search_monitor.result.__dict__})
+    search_s = points[0]["search_s"]
     queries_per_s = len(queries) / search_s
     result = {
         "vectors": count,
@@ -684,7 +662,7 @@ def run_index_only(arguments, workdir: Path, spill: Path) -> dict[str, Any]:
         "nprobe": plan.nprobe,
         "shards": len(shards),
         "build": build.__dict__,
-        "search_stage": search_monitor.result.__dict__,
+        "search_stage": points[0]["stage"],
         "build_s": build.wall_s,
         "disk_bytes_per_vector": version_bytes(root, folder, shards) / count,
         "embedding_store_bytes_per_vector": folder_bytes(store.url) / count,
@@ -693,8 +671,9 @@ def run_index_only(arguments, workdir: Path, spill: Path) -> dict[str, Any]:
         "queries": len(queries),
         "search_s": search_s,
         "queries_per_s": queries_per_s,
-        "recall_at_100": recall(positions[: len(truth)], truth, TOP_K),
+        "recall_at_100": points[0]["recall_at_100"],
         "recall_queries": len(truth),
+        "operating_points": points,
         "flat_queries_per_s": spec["flat_queries_per_s"],
         "speedup_vs_flat": queries_per_s / spec["flat_queries_per_s"],
         "generate_s": spec["generate_s"],
@@ -704,6 +683,42 @@ def run_index_only(arguments, workdir: Path, spill: Path) -> dict[str, Any]:
     if not arguments.keep:
         clear_index(root)
     return result
+
+
+def search_shard_by_shard(root: str, version_id: str, shards: list[dict], queries: np.ndarray, nprobe: int, threads: int) -> tuple[np.ndarray, float, int, int]:
+    """Every query through one shard in memory at a time, candidates merged across shards (``nprobe`` 0: the version's).
+
+    Returns (positions, search seconds, RAM bytes of index plus re-scoring vectors, RSS growth on loading)."""
+    import psutil
+
+    from pipelines.shard_search import (
+        SearchConfig,
+        ShardSearcher,
+        empty_candidates,
+        merge_top_k,
+    )
+
+    config = SearchConfig(top_k=TOP_K, nprobe=nprobe)
+    positions, scores = empty_candidates(len(queries), TOP_K)
+    search_s = 0.0
+    ram_bytes = rss_growth = 0
+    process = psutil.Process()
+    for shard in range(len(shards)):
+        gc.collect()
+        before = process.memory_info().rss
+        searcher = ShardSearcher(root, version_id, shard, config, threads=threads)
+        rss_growth += process.memory_info().rss - before
+        vectors = getattr(searcher.shard, "vectors", None)
+        ram_bytes += int(shards[shard]["bytes"]) + (int(vectors.nbytes) if vectors is not None else 0)
+        for start in range(0, len(queries), config.queries_per_batch):
+            batch = queries[start : start + config.queries_per_batch]
+            started = time.perf_counter()
+            new_positions, new_scores = searcher.search(batch)
+            merged = merge_top_k(positions[start : start + len(batch)], scores[start : start + len(batch)], new_positions, new_scores, TOP_K)
+            search_s += time.perf_counter() - started
+            positions[start : start + len(batch)], scores[start : start + len(batch)] = merged
+        del searcher, vectors
+    return positions, search_s, ram_bytes, rss_growth
 
 
 GENERATED = ("embeddings", "spec.json", "truth.npy")  # what generate_vectors caches under the index root
@@ -758,6 +773,7 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--index-only", action="store_true", help="only the index-only run")
     parser.add_argument("--index-queries", type=int, default=10_000, help="queries searched in the index-only run")
     parser.add_argument("--recall-queries", type=int, default=1_000, help="of them, queries with exact ground truth (recall@100)")
+    parser.add_argument("--nprobes", default="", help="index-only run: more nprobe values to search at besides the rule's, e.g. 64,96")
     parser.add_argument("--clusters", type=int, default=2_000, help="gaussian clusters of the synthetic vectors")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cpus", type=int, default=0, help="CPUs for Ray and the plain loop (0 = all)")
@@ -774,6 +790,7 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     if arguments.max_length < 0:
         arguments.max_length = 256 if arguments.model == "bundled" else 0
     arguments.sparse = arguments.sparse == "on"
+    arguments.nprobes = [int(value) for value in arguments.nprobes.split(",") if value.strip()]
     arguments.batch_size = arguments.batch_size or pipeline_batch_size(arguments.device)
     arguments.cpus = arguments.cpus or physical_cores()
     if any(size < 10 for size in arguments.sizes) or arguments.queries < 1:
@@ -852,6 +869,10 @@ def main(argv: list[str] | None = None) -> dict:
             ("queries_per_s", "queries/s", ",.0f"), ("speedup_vs_flat", "x flat", ".1f"), ("recall_at_100", "recall@100", ".3f"),
         ], title=f"index only: {arguments.vectors:,} synthetic {index_only['dimension']}-d vectors; build driver peak RSS "
                  f"{index_only['build']['driver_peak_rss_bytes'] / GIB:.2f} GiB, largest worker {index_only['build']['worker_peak_rss_bytes'] / GIB:.2f} GiB"))
+    if index_only and len(index_only["operating_points"]) > 1:
+        tables.append(format_table(index_only["operating_points"], [
+            ("nprobe", "nprobe", "d"), ("queries_per_s", "queries/s", ",.0f"), ("speedup_vs_flat", "x flat", ".1f"), ("recall_at_100", "recall@100", ".3f"),
+        ], title="index only: operating points (the first is the rule's nprobe)"))
     table = "\n\n".join(tables)
     print()
     print(table)
