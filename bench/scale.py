@@ -9,6 +9,8 @@ here, so every Ray process is a descendant of this one and is sampled):
 1. ``build_index``: ``pipelines.indexing.build_index`` on the N documents (a fresh index root);
 2. ``first stage``: ``pipelines.retrieval.retrieve_and_rerank`` with ``rerank.model = none`` over the
    ``--queries`` query log;
+2b. ``first stage, dense only``: the same with ``search.mode = dense`` (with ``--sparse on``): what the
+   BM25 half of the hybrid first stage costs;
 3. ``rerank``: the same with the cross-encoder on the first ``--rerank-queries`` queries, depth
    ``--rerank-depth``.
 
@@ -81,7 +83,7 @@ CHUNK = 50_000  # documents generated per vectorized chunk
 VECTOR_CHUNK = 100_000  # synthetic vectors per chunk (and per embedding-store part)
 ROW_GROUP = 10_000
 TOP_K = 100
-STAGES = ("plain_encode", "build_index", "first_stage", "rerank")
+STAGES = ("plain_encode", "build_index", "first_stage", "first_stage_dense", "rerank")  # first_stage_dense: with --sparse on
 
 
 def default_output() -> str:
@@ -455,6 +457,7 @@ def run_size(arguments, docs: int, workdir: Path, models: tuple[str, str], queri
     from pipelines.indexing import BuildIndexConfig, build_index
     from pipelines.reranking import RerankConfig
     from pipelines.retrieval import RetrieveRerankConfig, retrieve_and_rerank
+    from pipelines.shard_search import SearchConfig
 
     bi_encoder, cross_encoder = models
     corpus = generate_corpus(workdir, docs, arguments.seed, arguments.parquet_files)
@@ -498,6 +501,16 @@ def run_size(arguments, docs: int, workdir: Path, models: tuple[str, str], queri
         first_summary = retrieve_and_rerank(first_config)
     stages["first_stage"] = monitor.result
     print(f"  first stage: {queries:,} queries in {monitor.result.wall_s:.1f} s = {monitor.result.rows_per_s:,.0f} queries/s", flush=True)
+
+    # 2b. The dense half alone (hybrid index): what the BM25 half costs.
+    if arguments.sparse:
+        dense_output = run_folder / "first-stage-dense"
+        dense_config = RetrieveRerankConfig(index=str(index_root), queries=str(queries_path), output=str(dense_output), rerank=RerankConfig(model="none"),
+                                            search=SearchConfig(mode="dense"))
+        with StageMonitor("first_stage_dense", queries, written=[dense_output], spill_folder=spill) as monitor:
+            retrieve_and_rerank(dense_config)
+        stages["first_stage_dense"] = monitor.result
+        print(f"  first stage, dense only: {queries:,} queries in {monitor.result.wall_s:.1f} s = {monitor.result.rows_per_s:,.0f} queries/s", flush=True)
 
     # 3. Reranking on a subset of the queries.
     rerank_queries = min(arguments.rerank_queries, queries)
@@ -851,8 +864,9 @@ def main(argv: list[str] | None = None) -> dict:
     if len(runs) >= 2:
         small, large = runs[0], runs[-1]
         for stage in STAGES:
-            sizes = (small["docs"], large["docs"])
-            scaling[stage] = scaling_exponent(sizes, (small["stages"][stage]["wall_s"], large["stages"][stage]["wall_s"]))
+            if stage in small["stages"] and stage in large["stages"]:
+                sizes = (small["docs"], large["docs"])
+                scaling[stage] = scaling_exponent(sizes, (small["stages"][stage]["wall_s"], large["stages"][stage]["wall_s"]))
     tables = []
     for run in runs:
         embedding = run["embedding"]
