@@ -299,7 +299,8 @@ class ShardTermCounter:
             rows = np.flatnonzero(shards == shard)
             parts["shard"].append(shard)
             parts["positions"].append(positions[rows])
-            parts["counts"].append(counts.take(rows).to_bytes())
+            part = counts if len(rows) == len(positions) else counts.take(rows)  # most blocks lie in one shard: no copy
+            parts["counts"].append(part.to_bytes())
         return pa.table({"shard": pa.array(parts["shard"], pa.int32()), "positions": pa.array(parts["positions"], pa.list_(pa.int64())),
                          "counts": pa.array(parts["counts"], pa.large_binary())})
 
