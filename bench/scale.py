@@ -29,7 +29,10 @@ words from the same vocabulary, one Parquet file. Both are generated with numpy 
 Per stage: wall time, rows/s, the driver's peak RSS (this process, sampled every 0.2 s), the largest
 Ray worker's peak RSS (the ``ray::...`` processes among this process's descendants; RSS counts the
 object-store pages a worker has mapped), object-store bytes spilled during the stage (the raylet's
-``spilled_bytes_total``), and bytes written (the folders the stage wrote). With two or more
+``spilled_bytes_total``), and bytes written (the folders the stage wrote). Memory over time too: per
+sample (seconds, driver RSS, largest worker RSS, tree RSS), at most 600 points a stage, in the JSON
+and in ``<output stem>-memory-<docs>-<stage>.csv`` beside it, with a steady-state flatness figure
+(:func:`memory_flatness`; a table for the first-stage stages). With two or more
 ``--sizes``, the scaling exponent k of each stage (wall time proportional to N^k) between the
 smallest and the largest size.
 
@@ -60,6 +63,7 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
@@ -84,6 +88,9 @@ VECTOR_CHUNK = 100_000  # synthetic vectors per chunk (and per embedding-store p
 ROW_GROUP = 10_000
 TOP_K = 100
 STAGES = ("plain_encode", "build_index", "first_stage", "first_stage_dense", "rerank")  # first_stage_dense: with --sparse on
+MEMORY_POINTS = 600  # most points a stage's memory series keeps (an hours-long stage still gives a small JSON and CSV)
+MEMORY_COLUMNS = ("seconds", "driver_rss_mib", "largest_worker_rss_mib", "tree_rss_mib")
+FLAT_GROWTH_RATIO, FLAT_GROWTH_MIB = 0.05, 100.0  # "flat": the tree's steady-state median grew by under 5% and under 100 MiB
 
 
 def default_output() -> str:
@@ -345,24 +352,137 @@ class StageResult:
     spill_folder_peak_bytes: int = 0
     bytes_written: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    memory_series: dict[str, list[float]] = field(default_factory=dict)  # MEMORY_COLUMNS -> values (seconds since the start, MiB)
+    memory_flatness: dict[str, Any] = field(default_factory=dict)  # memory_flatness(): steady-state growth, slope, verdict
+
+
+class MemorySeries:
+    """A bounded series of samples, evenly spaced in time: every ``stride``-th sample is kept; when ``limit`` are held, every
+    other one is dropped and the stride doubles. ``points()``: at most ``limit``, the latest sample always last."""
+
+    def __init__(self, limit: int = MEMORY_POINTS):
+        if limit < 2:
+            raise ValueError(f"a memory series keeps at least 2 points, got limit {limit}")
+        self.limit = limit
+        self.stride = 1
+        self.samples = 0
+        self._kept: list[tuple[float, ...]] = []
+        self._latest: tuple[float, ...] | None = None
+
+    def add(self, point: tuple[float, ...]) -> None:
+        if self.samples % self.stride == 0:
+            self._kept.append(point)
+            if len(self._kept) >= self.limit:  # kept: samples 0, s, 2s, ...; now 0, 2s, 4s, ...
+                del self._kept[1::2]
+                self.stride *= 2
+        self.samples += 1
+        self._latest = point
+
+    def points(self) -> list[tuple[float, ...]]:
+        if self._latest is None:
+            return []
+        return list(self._kept) if self._kept[-1] is self._latest else [*self._kept, self._latest]
+
+
+def steady_state_growth(seconds: Sequence[float], values: Sequence[float]) -> dict[str, float | None]:
+    """How one memory series (MiB) moved once the stage was under way: the median over the second quarter of the run
+    against the median over the last quarter (growth in MiB, ratio last / second), and the least-squares slope in MiB per
+    minute over the second half. The first quarter is left out: it is start-up (Ray workers starting, models and index
+    shards loading). A figure is ``None`` where its window holds no sample (a stage of one or two samples)."""
+    times, series = np.asarray(seconds, dtype=float), np.asarray(values, dtype=float)
+    if times.shape != series.shape or times.ndim != 1:
+        raise ValueError(f"seconds and values must be 1-d and of one length, got shapes {times.shape} and {series.shape}")
+    figures: dict[str, float | None] = dict.fromkeys(("second_quarter_median_mib", "last_quarter_median_mib", "growth_mib", "growth_ratio", "slope_mib_per_min"))
+    if len(times) < 2 or times[-1] <= times[0]:
+        return figures
+    position = (times - times[0]) / (times[-1] - times[0])
+    second, last = series[(position >= 0.25) & (position < 0.5)], series[position >= 0.75]
+    if len(second) and len(last):
+        before, after = float(np.median(second)), float(np.median(last))
+        figures.update(second_quarter_median_mib=before, last_quarter_median_mib=after, growth_mib=after - before,
+                       growth_ratio=after / before if before > 0 else None)
+    half = position >= 0.5
+    if np.unique(times[half]).size >= 2:
+        figures["slope_mib_per_min"] = float(np.polyfit(times[half], series[half], 1)[0]) * 60
+    return figures
+
+
+def memory_flatness(series: dict[str, Sequence[float]]) -> dict[str, Any]:
+    """Steady-state growth (:func:`steady_state_growth`) of the driver, the largest Ray worker and the whole tree, and a verdict.
+
+    Rule: ``flat`` when the tree's median grew by under 5% and under 100 MiB from the second quarter of the run to the last
+    (a drop is flat too), ``growing`` otherwise, ``too short`` when the stage has too few samples to tell. MiB are rounded
+    to 0.1, ratios to 0.001, slopes to 0.01 MiB/minute."""
+    seconds = series.get("seconds", [])
+    figures = {name: steady_state_growth(seconds, series.get(f"{name}_rss_mib", [])) for name in ("driver", "largest_worker", "tree")}
+    tree = figures["tree"]
+    if tree["growth_mib"] is None:
+        verdict = "too short"
+    else:
+        ratio = tree["growth_ratio"]
+        verdict = "flat" if tree["growth_mib"] < FLAT_GROWTH_MIB and (ratio is None or ratio < 1 + FLAT_GROWTH_RATIO) else "growing"
+    digits = {"growth_ratio": 3, "slope_mib_per_min": 2}
+    rounded = {name: {key: None if value is None else round(value, digits.get(key, 1)) for key, value in part.items()} for name, part in figures.items()}
+    return {**rounded, "samples": len(seconds), "verdict": verdict,
+            "rule": f"flat: tree RSS median over the last quarter under {1 + FLAT_GROWTH_RATIO:.2f}x and under {FLAT_GROWTH_MIB:.0f} MiB above the second quarter's"}
+
+
+def flatness_line(result: StageResult) -> str:
+    """One line for the log: steady-state growth of driver / largest worker / tree, the tree's slope, the verdict."""
+    flatness = result.memory_flatness
+    if not flatness:
+        return "memory: no samples"
+
+    def growth(name: str) -> str:
+        part = flatness[name]
+        if part["growth_mib"] is None:
+            return f"{name.replace('_', ' ')} -"
+        ratio = f" ({(part['growth_ratio'] - 1) * 100:+.1f}%)" if part["growth_ratio"] is not None else ""
+        return f"{name.replace('_', ' ')} {part['growth_mib']:+,.1f} MiB{ratio}"
+
+    slope = flatness["tree"]["slope_mib_per_min"]
+    slope_text = f"{slope:+,.2f} MiB/min" if slope is not None else "-"
+    return (f"memory, last vs second quarter: {', '.join(growth(name) for name in ('driver', 'largest_worker', 'tree'))}; "
+            f"tree slope over the second half {slope_text}: {flatness['verdict']}")
+
+
+def memory_csv_path(output: str | Path, docs: int, stage: str) -> Path:
+    """Where a stage's memory series goes: beside the JSON, ``<its stem>-memory-<docs>-<stage>.csv`` (``scale-memory-...``)."""
+    output = Path(output)
+    return output.with_name(f"{output.stem}-memory-{docs}-{stage}.csv")
+
+
+def write_memory_csv(path: str | Path, series: dict[str, list[float]]) -> None:
+    """The series as CSV (a header of MEMORY_COLUMNS, one row per point), written under a temporary name and renamed."""
+    from pipelines import storage
+
+    columns = [series.get(name, []) for name in MEMORY_COLUMNS]
+    lines = [",".join(MEMORY_COLUMNS), *(",".join(str(value) for value in row) for row in zip(*columns, strict=True))]
+    storage.write_bytes_atomically(str(Path(path).resolve()), ("\n".join(lines) + "\n").encode())
 
 
 class StageMonitor:
     """Samples this process (the driver) and its descendants (Ray's processes, started here) during a stage.
 
     ``with StageMonitor("build_index", rows, written=[folder]) as monitor: ...``, then ``monitor.result``.
-    Memory is sampled every ``interval`` seconds (a peak shorter than that can be missed). Spilled
+    Memory is sampled every ``interval`` seconds (a peak shorter than that can be missed); besides the
+    peaks, each sample's (seconds since the start, driver RSS, largest Ray worker RSS, tree RSS) goes
+    into a :class:`MemorySeries` of at most ``memory_points`` points, in ``result.memory_series`` (MiB)
+    with its :func:`memory_flatness` in ``result.memory_flatness``: whether memory stays flat. Spilled
     bytes: the Ray object store's spill files (``object_spilling_directory``, set by :func:`start_ray`)
     that appeared during the stage, each at the largest size seen (Ray's own spill counters are read
     over gRPC, which a minimal Ray install lacks); a file created and deleted between two samples is
     missed. Bytes written: growth of the ``written`` folders.
     """
 
-    def __init__(self, stage: str, rows: int, written: list[Path] = (), spill_folder: Path | None = None, interval: float = 0.2):
+    def __init__(self, stage: str, rows: int, written: list[Path] = (), spill_folder: Path | None = None, interval: float = 0.2,
+                 memory_points: int = MEMORY_POINTS):
         self.result = StageResult(stage=stage, rows=rows)
         self.written = list(written)
         self.spill_folder = spill_folder
         self.interval = interval
+        self.memory = MemorySeries(memory_points)
+        self._origin = time.perf_counter()
         self._spill_files: dict[str, int] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -376,7 +496,7 @@ class StageMonitor:
             children = root.children(recursive=True)
         except psutil.Error:
             return
-        total = driver
+        total, largest_worker = driver, 0
         result = self.result
         result.driver_peak_rss_bytes = max(result.driver_peak_rss_bytes, driver)
         for process in children:
@@ -385,11 +505,14 @@ class StageMonitor:
             except psutil.Error:
                 continue
             total += rss
-            if rss > result.worker_peak_rss_bytes:
+            if rss > largest_worker or rss > result.worker_peak_rss_bytes:
                 role = _process_role(process)
                 if is_ray_worker(role):
-                    result.worker_peak_rss_bytes, result.worker_peak_role = rss, role
+                    largest_worker = max(largest_worker, rss)
+                    if rss > result.worker_peak_rss_bytes:
+                        result.worker_peak_rss_bytes, result.worker_peak_role = rss, role
         result.ray_tree_peak_rss_bytes = max(result.ray_tree_peak_rss_bytes, total)
+        self.memory.add((time.perf_counter() - self._origin, driver, largest_worker, total))
         spill = file_sizes(self.spill_folder)
         result.spill_folder_peak_bytes = max(result.spill_folder_peak_bytes, sum(spill.values()))
         for path, size in spill.items():
@@ -403,6 +526,7 @@ class StageMonitor:
     def __enter__(self) -> Self:
         self._written_before = sum(folder_bytes(path) for path in self.written)
         self._spilled_before = file_sizes(self.spill_folder)
+        self._origin = time.perf_counter()
         self._sample()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._started = time.perf_counter()
@@ -418,6 +542,10 @@ class StageMonitor:
         self.result.rows_per_s = self.result.rows / self.result.wall_s if self.result.wall_s > 0 else 0.0
         self.result.spilled_bytes = sum(self._spill_files.values())
         self.result.bytes_written = sum(folder_bytes(path) for path in self.written) - self._written_before
+        points = self.memory.points()
+        series = {name: [point[column] / (1 if column == 0 else MIB) for point in points] for column, name in enumerate(MEMORY_COLUMNS)}
+        self.result.memory_flatness = memory_flatness(series)
+        self.result.memory_series = {name: [round(value, 1) for value in values] for name, values in series.items()}
 
 
 def scaling_exponent(sizes: tuple[float, float], seconds: tuple[float, float]) -> float:
@@ -501,6 +629,7 @@ def run_size(arguments, docs: int, workdir: Path, models: tuple[str, str], queri
         first_summary = retrieve_and_rerank(first_config)
     stages["first_stage"] = monitor.result
     print(f"  first stage: {queries:,} queries in {monitor.result.wall_s:.1f} s = {monitor.result.rows_per_s:,.0f} queries/s", flush=True)
+    print(f"    {flatness_line(monitor.result)}", flush=True)
 
     # 2b. The dense half alone (hybrid index): what the BM25 half costs.
     if arguments.sparse:
@@ -511,6 +640,7 @@ def run_size(arguments, docs: int, workdir: Path, models: tuple[str, str], queri
             retrieve_and_rerank(dense_config)
         stages["first_stage_dense"] = monitor.result
         print(f"  first stage, dense only: {queries:,} queries in {monitor.result.wall_s:.1f} s = {monitor.result.rows_per_s:,.0f} queries/s", flush=True)
+        print(f"    {flatness_line(monitor.result)}", flush=True)
 
     # 3. Reranking on a subset of the queries.
     rerank_queries = min(arguments.rerank_queries, queries)
@@ -529,12 +659,19 @@ def run_size(arguments, docs: int, workdir: Path, models: tuple[str, str], queri
     fetch = measure_text_fetch(str(index_root), docs, arguments.rerank_depth, arguments.seed)
     print(f"  text fetch: {fetch['texts']:,} random texts in batches of {fetch['batch']:,}: {fetch['texts_per_second']:,.0f} texts/s", flush=True)
 
+    memory_csv = {}
+    for name, result in stages.items():
+        if result.memory_series:  # not plain_encode: its process is not sampled here
+            memory_csv[name] = str(memory_csv_path(arguments.output, docs, name))
+            write_memory_csv(memory_csv[name], result.memory_series)
+
     if not arguments.keep:
         shutil.rmtree(run_folder, ignore_errors=True)
     return {
         "docs": docs,
         "corpus": str(corpus),
         "stages": {name: result.__dict__ for name, result in stages.items()},
+        "memory_csv": memory_csv,
         "embedding": embedding_row,
         "text_fetch": fetch,
         "summaries": {"build_index": build_summary, "first_stage": first_summary, "rerank": rerank_summary},
@@ -824,6 +961,36 @@ STAGE_COLUMNS = [
 ]
 
 
+MEMORY_TABLE_STAGES = ("first_stage", "first_stage_dense")  # issue 14: the query job's memory stays flat over the run
+FLATNESS_COLUMNS = [
+    ("docs", "docs", ",d"),
+    ("stage", "stage", ""),
+    ("samples", "samples", ",d"),
+    ("driver_growth_mib", "driver growth MiB", "+,.1f"),
+    ("worker_growth_mib", "largest worker growth MiB", "+,.1f"),
+    ("tree_growth_mib", "tree growth MiB", "+,.1f"),
+    ("tree_growth_percent", "tree growth %", "+.1f"),
+    ("tree_slope_mib_per_min", "tree slope MiB/min", "+,.2f"),
+    ("verdict", "memory", ""),
+]
+
+
+def flatness_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per run and first-stage stage (MEMORY_TABLE_STAGES): the steady-state growth figures of its memory_flatness."""
+    rows = []
+    for run in runs:
+        for name in MEMORY_TABLE_STAGES:
+            flatness = run["stages"].get(name, {}).get("memory_flatness")
+            if not flatness:
+                continue
+            ratio = flatness["tree"]["growth_ratio"]
+            rows.append({"docs": run["docs"], "stage": name, "samples": flatness["samples"], "verdict": flatness["verdict"],
+                         "driver_growth_mib": flatness["driver"]["growth_mib"], "worker_growth_mib": flatness["largest_worker"]["growth_mib"],
+                         "tree_growth_mib": flatness["tree"]["growth_mib"], "tree_growth_percent": None if ratio is None else (ratio - 1) * 100,
+                         "tree_slope_mib_per_min": flatness["tree"]["slope_mib_per_min"]})
+    return rows
+
+
 def stage_rows(run: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for name, stage in run["stages"].items():
@@ -873,6 +1040,12 @@ def main(argv: list[str] | None = None) -> dict:
         tables.append(format_table(stage_rows(run), STAGE_COLUMNS, title=(
             f"bench.scale: {run['docs']:,} documents, model {arguments.model} on {arguments.device} ({arguments.precision}); embedding stage "
             f"{embedding['pipeline_docs_per_s']:,.0f} docs/s = {embedding['ratio']:.2f}x plain encode ({embedding['plain_docs_per_s']:,.0f} docs/s)")))
+    memory_rows = flatness_rows(runs)
+    if memory_rows:
+        tables.append(format_table(memory_rows, FLATNESS_COLUMNS, title=(
+            "memory over the first stage, steady state: median RSS over the last quarter of the run minus over the second quarter, "
+            f"least-squares slope over the second half; flat: the tree grew under {FLAT_GROWTH_RATIO:.0%} and under {FLAT_GROWTH_MIB:.0f} MiB "
+            f"(series: {memory_csv_path(arguments.output, runs[0]['docs'], 'first_stage').name} and beside it)")))
     if scaling:
         tables.append(format_table([{"stage": stage, "k": k} for stage, k in scaling.items()], [("stage", "stage", ""), ("k", "k (time ∝ N^k)", ".2f")],
                                    title=f"scaling exponents between {runs[0]['docs']:,} and {runs[-1]['docs']:,} documents (query stages: same queries, larger index)"))

@@ -81,6 +81,81 @@ def test_stage_monitor_counts_written_and_spilled_files(tmp_path):
     result = monitor.result
     assert result.bytes_written == 100 and result.spilled_bytes == 40 and result.spill_folder_peak_bytes == 50
     assert result.driver_peak_rss_bytes > 0 and result.wall_s > 0 and math.isclose(result.rows_per_s, 5 / result.wall_s)
+    series = result.memory_series
+    assert list(series) == list(scale.MEMORY_COLUMNS) and len({len(values) for values in series.values()}) == 1
+    assert len(series["seconds"]) >= 2 and series["seconds"] == sorted(series["seconds"]) and min(series["driver_rss_mib"]) > 0
+    assert all(tree >= driver for tree, driver in zip(series["tree_rss_mib"], series["driver_rss_mib"], strict=True))
+    assert result.memory_flatness["samples"] == len(series["seconds"]) and result.memory_flatness["verdict"] in ("flat", "growing", "too short")
+
+
+def test_stage_monitor_with_two_samples_reports_too_short(tmp_path):
+    """A stage shorter than one interval: the samples at its start and end, no quartile figures, no error; the CSV still written."""
+    with scale.StageMonitor("short", rows=1, interval=60) as monitor:
+        pass
+    result = monitor.result
+    assert len(result.memory_series["seconds"]) == 2 and result.memory_series["seconds"][0] == 0.0
+    assert result.memory_flatness["verdict"] == "too short" and result.memory_flatness["tree"]["growth_mib"] is None
+    assert "too short" in scale.flatness_line(result)
+    path = scale.memory_csv_path(tmp_path / "scale.json", 10_000, "first_stage")
+    assert path == tmp_path / "scale-memory-10000-first_stage.csv"
+    scale.write_memory_csv(path, result.memory_series)
+    lines = path.read_text().splitlines()
+    assert lines[0] == ",".join(scale.MEMORY_COLUMNS) and len(lines) == 3
+    assert [float(value) for value in lines[1].split(",")] == [result.memory_series[name][0] for name in scale.MEMORY_COLUMNS]
+    assert [item.name for item in tmp_path.iterdir()] == [path.name]  # no temporary file left
+
+
+def series(seconds: np.ndarray, tree: np.ndarray, worker: np.ndarray | None = None) -> dict[str, list[float]]:
+    """A memory series as StageMonitor stores it: the driver a flat 500 MiB, the largest worker ``worker`` (default: tree / 4)."""
+    worker = tree / 4 if worker is None else worker
+    return {"seconds": list(seconds), "driver_rss_mib": [500.0] * len(seconds), "largest_worker_rss_mib": list(worker), "tree_rss_mib": list(tree)}
+
+
+def test_memory_flatness_tells_flat_from_growing():
+    rng = np.random.default_rng(0)
+    seconds = np.arange(0, 600, 0.2)
+    startup = np.minimum(seconds / 30, 1.0) * 3000  # loads in the first 30 s, outside the steady state
+    flat = scale.memory_flatness(series(seconds, 1000 + startup + rng.normal(0, 20, len(seconds))))
+    assert flat["verdict"] == "flat" and flat["samples"] == len(seconds)
+    assert abs(flat["tree"]["growth_mib"]) < 10 and abs(flat["tree"]["slope_mib_per_min"]) < 5
+    assert flat["driver"] == {"second_quarter_median_mib": 500.0, "last_quarter_median_mib": 500.0, "growth_mib": 0.0, "growth_ratio": 1.0, "slope_mib_per_min": 0.0}
+
+    leaking = 1000 + startup + 15 * seconds / 60  # 15 MiB a minute: +75 MiB between the quarters' medians (225 s and 525 s), +1.8%
+    growing = scale.memory_flatness(series(seconds, leaking + 4000 * (seconds > 450)))  # and a jump in the last quarter
+    assert growing["verdict"] == "growing" and growing["tree"]["growth_mib"] > 100
+    slow = scale.memory_flatness(series(seconds, leaking))
+    assert slow["verdict"] == "flat"  # under 100 MiB and 5%: the rule's limits, the slope still shows it
+    assert slow["tree"]["growth_mib"] == pytest.approx(75, abs=1) and slow["tree"]["slope_mib_per_min"] == pytest.approx(15, abs=0.1)
+    small = scale.memory_flatness(series(seconds, 200 + 15 * seconds / 60))  # +75 MiB on 256 MiB: under 100 MiB but +29%
+    assert small["verdict"] == "growing" and small["tree"]["growth_ratio"] > 1.05
+
+
+def test_memory_flatness_of_very_short_series():
+    empty = scale.memory_flatness(series(np.array([]), np.array([])))
+    assert empty["verdict"] == "too short" and empty["samples"] == 0 and empty["tree"]["slope_mib_per_min"] is None
+    one = scale.memory_flatness(series(np.array([0.0]), np.array([800.0])))
+    assert one["verdict"] == "too short" and one["largest_worker"]["growth_mib"] is None
+    two = scale.memory_flatness(series(np.array([0.0, 0.2]), np.array([800.0, 900.0])))
+    assert two["verdict"] == "too short" and two["tree"]["slope_mib_per_min"] is None
+    five = scale.memory_flatness(series(np.arange(5) * 0.2, np.array([100.0, 800.0, 810.0, 815.0, 820.0]), worker=np.zeros(5)))
+    assert five["verdict"] == "flat" and five["tree"]["growth_mib"] == 17.5 and five["largest_worker"]["growth_ratio"] is None
+    with pytest.raises(ValueError):
+        scale.steady_state_growth([0.0, 1.0], [1.0])
+
+
+def test_memory_series_stays_bounded_and_evenly_spaced():
+    for samples in (1, 2, 599, 600, 601, 1_000, 100_003):
+        memory = scale.MemorySeries(limit=600)
+        for number in range(samples):
+            memory.add((float(number), 0, 0, 0))
+        points = [point[0] for point in memory.points()]
+        assert len(points) <= 600 and points[0] == 0 and points[-1] == samples - 1, samples
+        steps = set(np.diff(points[:-1]))  # the latest sample is kept whatever the stride
+        assert len(steps) <= 1 and points == sorted(points), samples
+        if samples >= 600:
+            assert len(points) >= 300, samples
+    with pytest.raises(ValueError):
+        scale.MemorySeries(limit=1)
 
 
 @pytest.mark.slow
@@ -101,6 +176,8 @@ def test_bench_scale_small_run_reports_every_stage(tmp_path):
             assert stage["spilled_bytes"] >= 0, name
             if name != "plain_encode":
                 assert stage["worker_peak_rss_bytes"] > 0 and stage["worker_peak_role"].startswith("ray::") and stage["bytes_written"] > 0, name
+                assert 2 <= len(stage["memory_series"]["seconds"]) <= scale.MEMORY_POINTS and stage["memory_flatness"]["verdict"], name
+                assert (tmp_path / f"scale-memory-{run['docs']}-{name}.csv").exists() and run["memory_csv"][name].endswith(f"-{name}.csv"), name
         assert run["embedding"]["pipeline_docs_per_s"] > 0 and run["embedding"]["plain_docs_per_s"] > 0 and run["embedding"]["ratio"] > 0
         assert run["text_fetch"]["texts"] == 200_000 and run["text_fetch"]["texts_per_second"] > 0
         assert run["summaries"]["build_index"]["indexed"] == run["docs"]
@@ -111,7 +188,7 @@ def test_bench_scale_small_run_reports_every_stage(tmp_path):
     for key in ("build_s", "disk_bytes_per_vector", "ram_bytes_per_vector", "queries_per_s", "flat_queries_per_s", "speedup_vs_flat"):
         assert index_only[key] > 0, key
     assert 0.9 <= index_only["recall_at_100"] <= 1.0
-    assert "index only" in payload["table"] and "scaling exponents" in payload["table"]
+    assert "index only" in payload["table"] and "scaling exponents" in payload["table"] and "memory over the first stage" in payload["table"]
 
 
 @pytest.mark.slow
