@@ -6,6 +6,7 @@ several files, several batches per file and a short last batch.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import pickle
@@ -117,6 +118,49 @@ def test_round_trip_by_random_positions(built):
     assert stored["id"].to_pylist() == documents["id"].to_pylist()[256:512]
     assert stored["text_hash"].to_pylist() == documents["text_hash"].to_pylist()[256:512]
     assert [batch.num_rows for batch in stored.to_batches()] == [ROWS_PER_BATCH] * 4
+
+
+def one_table_file(rows: pa.Table, rows_per_batch: int) -> bytes:
+    """A range's file as the store wrote it before streaming: the whole range in one table, cut by the IPC writer."""
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_file(sink, document_store.SCHEMA) as writer:
+        writer.write_table(rows.select(document_store.SCHEMA.names).cast(document_store.SCHEMA).combine_chunks(), max_chunksize=rows_per_batch)
+    return sink.getvalue().to_pybytes()
+
+
+def test_files_are_byte_identical_to_one_table_writes_and_parts_are_removed(built):
+    root, texts, entry, documents = built
+    for item in entry["files"]:
+        start, count = item["first_position"], item["count"]
+        rows = documents.slice(start, count).select(["id", "text_hash"]).append_column("text", pa.array(texts[start : start + count]))
+        assert (root / item["file"]).read_bytes() == one_table_file(rows, ROWS_PER_BATCH)
+    assert sorted(path.suffix for path in (root / index_store.DOCUMENTS_FOLDER).iterdir()) == sorted([".arrow", ".json"] * len(entry["files"]))  # no parts left
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_streamed_parts_write_the_one_table_bytes(tmp_path, seed):
+    """Short strings (a batch's 64-byte padding spans many later rows), parts of 1 row to several batches, part batches
+    that do not align with the store's: the file is still the one-table write, byte for byte."""
+    rng = np.random.default_rng(seed)
+    count, rows_per_batch = 700, 64
+    length = rng.integers(0, 4, size=count) if seed else rng.integers(0, 200, size=count)
+    rows = pa.table({"id": [f"d{number}" for number in range(count)], "text_hash": ["h" * int(rng.integers(0, 3)) for _ in range(count)],
+                     "text": ["é" * int(size) for size in length]})
+    cuts = np.unique(np.concatenate([[0, count], rng.integers(0, count, size=12), [1, 2, 3]]))
+    parts = []
+    for number, (begin, stop) in enumerate(itertools.pairwise(cuts)):
+        part = pa.table({"position": pa.array(np.arange(begin, stop), pa.int64()), **{name: rows[name][begin:stop] for name in ("id", "text_hash", "text")}})
+        path = tmp_path / f"part-{number}.arrow"
+        with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, document_store.PART_SCHEMA) as writer:
+            writer.write_table(part.cast(document_store.PART_SCHEMA), max_chunksize=int(rng.integers(1, 100)))
+        parts.append(str(path))
+    result = document_store.write_store_file(parts, 0, str(tmp_path / "index"), "key", 0, count, rows_per_batch)
+    data = (tmp_path / "index" / document_store.store_file("key")).read_bytes()
+    assert data == one_table_file(rows, rows_per_batch)
+    assert result == {"file": 0, "sha256": storage.sha256_bytes(data), "bytes": len(data)}
+    with pytest.raises(RuntimeError, match="positions"):
+        document_store.write_store_file(parts[:1] + parts[2:], 0, str(tmp_path / "index"), "other", 0, count, rows_per_batch)
+    assert not (tmp_path / "index" / document_store.store_file("other")).exists()
 
 
 def test_reader_pickles_without_open_files_and_reopens(built):
