@@ -271,3 +271,24 @@ def test_bm25_shards_follow_dense_shards_up_to_a_size_cap():
     assert shard_count(1_000_000, 1) == 1_000_000 // MAX_SHARD_DOCUMENTS
     assert shard_count(MAX_SHARD_DOCUMENTS + 1, 1) == 2
     assert shard_count(1_000_000, 8) == 8
+
+
+@pytest.mark.parametrize("top_k", [1, 3, 10, 40])
+def test_search_equals_a_full_sort_of_every_score(bm25, top_k):
+    # search_terms selects only above a floor (a K-th score within one term's list); the result must be what
+    # sorting every document's score gives: higher score first, then the smaller position, ties at the K-th kept whole.
+    texts = zipf_corpus(400, seed=5)
+    texts += texts[:60]  # duplicated documents: many exact ties
+    counts = TermCounts.from_tokens(Tokenizer(bm25)(texts))
+    statistics = GlobalStatistics.merge([(counts.terms, counts.document_frequencies(), counts.documents, int(counts.lengths.sum()))])
+    searcher = SparseShardSearcher.from_counts(counts, statistics, bm25, 7, SearchConfig(top_k=top_k))
+    queries = random_queries(120, seed=top_k)
+    positions, scores = searcher.search(queries)
+    for row, terms in enumerate(Tokenizer(bm25)(queries)):
+        values = searcher.scores(terms)
+        matching = np.flatnonzero(values > 0)
+        order = np.lexsort((matching, -values[matching]))[:top_k]
+        expected = np.full(top_k, PADDING_POSITION)
+        expected[: len(order)] = matching[order] + 7
+        assert positions[row].tolist() == expected.tolist(), queries[row]
+        assert np.array_equal(scores[row, : len(order)], values[matching[order]])
