@@ -84,13 +84,15 @@ def plan_shard_pool(budget_cpus: float, dense_shards: int, sparse_shards: int = 
 
 
 def resident_bytes(manifest: dict[str, Any], mode: str, search: SearchConfig) -> int:
-    """An estimate of the memory one replica of every shard takes: stored index and BM25 files, plus float32
-    re-scoring vectors when re-scoring is on (an upper bound: a Flat index loads none, smaller or mapped ones take less)."""
+    """An estimate of the memory one replica of every shard takes: stored index and BM25 files, plus the re-scoring data
+    when re-scoring is on: its stored size (``vectors_bytes``: float16 vectors, or sq8 / sq6 codes), float32 vectors for
+    entries that do not give it (an upper bound: a Flat index loads none, memory-mapped files are shared)."""
     total = 0
     if mode != "sparse":
         dimension = int(manifest["model"]["dimension"])
         for entry in manifest["shards"]:
-            total += int(entry.get("bytes", 0)) + (4 * dimension * int(entry.get("count", 0)) if search.exact_rescoring else 0)
+            rescoring = int(entry["vectors_bytes"]) if "vectors_bytes" in entry else 4 * dimension * int(entry.get("count", 0))
+            total += int(entry.get("bytes", 0)) + (rescoring if search.exact_rescoring else 0)
     if mode != "dense":
         total += sum(int(entry.get("bytes", 0)) for entry in manifest["sparse"]["shards"])
     return total

@@ -43,9 +43,16 @@ class IndexConfig:
     training_sample: int = field(default=0, metadata={"help": "vectors to train on (0 = from nlist)"})
     memory_budget: str = field(
         default="0",
-        metadata={"help": "RAM for the faiss index, all shards together, e.g. 8GiB or 500MB (0 = no limit); auto picks the largest code that "
-                          "fits and errors if none does. For a compressed index it includes the float16 vectors exact re-scoring loads "
-                          "(2 B x dimension per vector, memory-mapped from local storage)"},
+        metadata={"help": "RAM for the faiss index, all shards together, e.g. 8GiB or 500MB (0 = no limit); auto picks the (index code, "
+                          "re-scoring code) pair of best measured recall that fits and errors if none does. For a compressed index it "
+                          "includes the re-scoring data exact re-scoring loads (float16: 2 B x dimension per vector; sq8: 1; sq6: 0.75; "
+                          "memory-mapped from local storage)"},
+    )
+    rescoring_code: str = field(
+        default="auto",
+        metadata={"help": "how a compressed index's re-scoring vectors are stored: float16, sq8 or sq6 (faiss scalar quantizer codes, "
+                          "1 or 0.75 B per dimension, re-scored by decoding the candidates' codes), or auto: float16 unless the memory "
+                          "budget needs a smaller code"},
     )
     seed: int = 1234
 
@@ -53,6 +60,8 @@ class IndexConfig:
         from pipelines.config import require_at_least
 
         require_at_least(self, {"shards": 0, "nprobe": 0, "training_sample": 0})
+        if self.rescoring_code not in ("auto", *index_store.RESCORING_CODES):
+            raise ValueError(f"--rescoring-code {self.rescoring_code}: choose auto, {', '.join(index_store.RESCORING_CODES)}")
         try:
             parse_bytes(self.memory_budget)
         except ValueError as error:
@@ -66,6 +75,7 @@ class IndexPlan:
     shards: int
     training_sample: int
     seed: int
+    rescoring_code: str = "float16"  # of the re-scoring vectors (index_store.RESCORING_CODES); float16 for exact indexes, which load none
 
 
 class MemoryBudgetError(ValueError):
@@ -182,17 +192,23 @@ def choose_index_parameters(count: int, dimension: int, config: IndexConfig) -> 
       62 s; the previous rule's ``IVF4096,PQ48`` gave 0.957 at 1,951 queries/s with the same searcher;
     - nprobe: enough lists to scan about 32k vectors per query, and at least 1/32 of the lists (135 of
       4,096 at 1M; recall@100 0.946 at 64, 0.970 at 128, 0.984 at 256); one shard per million vectors;
-    - ``memory_budget`` (bytes of RAM for the faiss index, all shards, plus a compressed index's float16
-      re-scoring vectors: :func:`memory_bytes`): the first code of :func:`pq_codecs` that fits; below
-      250,000 vectors Flat when it fits, else IVF-PQ the same way (from 2,000 vectors);
-      :class:`MemoryBudgetError` when nothing fits.
+    - ``memory_budget`` (bytes of RAM for the faiss index, all shards, plus a compressed index's re-scoring
+      data: :func:`memory_bytes`): with no budget, or one the rule's index with float16 re-scoring vectors
+      fits, that; otherwise the first (index code, re-scoring code) pair of :func:`rescoring_pairs` that
+      fits (fast-scan codes by measured recall, then 8-bit ones: e.g. at 1M, PQ192x4fs with sq8 codes,
+      500.6 B/vector, recall@100 0.966, then with sq6, 404.6 B, 0.951; at 10M within 400 B/vector,
+      PQ128x4fs with sq6, 370.5 B, 0.933 at 1M); ``rescoring_code`` other than auto keeps to that code;
+      below 250,000 vectors Flat when it fits, else IVF-PQ the same way (from 2,000 vectors);
+      :class:`MemoryBudgetError`, naming the codes considered, when nothing fits. An explicit ``factory``
+      gets the first of float16, sq8, sq6 that fits with it (float16 if none: it is not refused).
     """
     shards = config.shards or max(1, math.ceil(count / 1_000_000))
     shards = max(1, min(shards, max(1, count)))
+    budget = parse_bytes(config.memory_budget)
     if config.factory == "auto":
-        factory = _auto_factory(count, dimension, shards, parse_bytes(config.memory_budget))
+        factory, code = _auto_factory(count, dimension, shards, budget, config.rescoring_code)
     else:
-        factory = config.factory
+        factory, code = config.factory, _code_for_factory(config.factory, count, dimension, shards, budget, config.rescoring_code)
     nlist = ivf_list_count(factory, dimension)
     nprobe = config.nprobe or (ivf_nprobe(nlist, count) if nlist else 0)
     if config.training_sample:
@@ -200,51 +216,127 @@ def choose_index_parameters(count: int, dimension: int, config: IndexConfig) -> 
     else:
         sample = max(256 * 39, 64 * nlist) if nlist else 0
         sample = min(sample, 500_000)
-    return IndexPlan(factory=factory, nprobe=nprobe, shards=shards, training_sample=min(sample, count), seed=config.seed)
+    return IndexPlan(factory=factory, nprobe=nprobe, shards=shards, training_sample=min(sample, count), seed=config.seed, rescoring_code=code)
 
 
-def rescoring_bytes(factory: str, count: int, dimension: int) -> int:
-    """RAM for the re-scoring vectors a searcher loads with an index of ``factory``: 2 B x dimension per vector
-    (float16, ``index_store.VECTORS_DTYPE``) for a compressed index, 0 for one that scores exactly (Flat,
-    IVF-Flat: its candidates are not re-scored, so its vectors are never loaded).
+def rescoring_bytes(factory: str, count: int, dimension: int, code: str = "float16") -> int:
+    """RAM for the re-scoring data a searcher loads with an index of ``factory``: ``code``'s bytes per vector
+    (:func:`index_store.rescoring_code_size`: float16 2 B x dimension, sq8 1, sq6 0.75) for a compressed index,
+    0 for one that scores exactly (Flat, IVF-Flat: its candidates are not re-scored, so its vectors are never loaded).
 
     Example:
-        >>> rescoring_bytes("IVF1024,PQ192x4fs", 1_000_000, 384), rescoring_bytes("Flat", 1_000_000, 384)
-        (768000000, 0)
+        >>> rescoring_bytes("IVF1024,PQ192x4fs", 1_000_000, 384), rescoring_bytes("IVF1024,PQ192x4fs", 1_000_000, 384, "sq6")
+        (768000000, 288000000)
+        >>> rescoring_bytes("Flat", 1_000_000, 384)
+        0
     """
+    if is_exact(factory, dimension):
+        return 0
+    return count * index_store.rescoring_code_size(code, dimension)
+
+
+def is_exact(factory: str, dimension: int) -> bool:
+    """Whether an index of ``factory`` scores exactly (its candidates are not re-scored: ``shard_search.has_exact_scores``)."""
     from pipelines.shard_search import has_exact_scores
 
     index = make_empty_index(factory, dimension)  # held here: has_exact_scores rebinds its argument to downcast proxies
-    if has_exact_scores(index):
-        return 0
-    return count * dimension * np.dtype(index_store.VECTORS_DTYPE).itemsize
+    return has_exact_scores(index)
 
 
-def memory_bytes(factory: str, count: int, dimension: int, shards: int = 1) -> int:
-    """What ``IndexConfig.memory_budget`` counts: the index (:func:`estimate_index_bytes`) plus its re-scoring vectors (:func:`rescoring_bytes`)."""
-    return estimate_index_bytes(factory, count, dimension, shards) + rescoring_bytes(factory, count, dimension)
+def memory_bytes(factory: str, count: int, dimension: int, shards: int = 1, code: str = "float16") -> int:
+    """What ``IndexConfig.memory_budget`` counts: the index (:func:`estimate_index_bytes`) plus its re-scoring data (:func:`rescoring_bytes`)."""
+    return estimate_index_bytes(factory, count, dimension, shards) + rescoring_bytes(factory, count, dimension, code)
 
 
-def _auto_factory(count: int, dimension: int, shards: int, budget: int) -> str:
-    def size(factory: str) -> int:
-        return memory_bytes(factory, count, dimension, shards)
+# Recall@100 at 1M vectors of each (index code, re-scoring code) pair the rule considers (see rescoring_pairs):
+# the PQ code as (dimensions per sub-quantizer, 4-bit fast-scan), the re-scoring code, the recall.
+MEASURED_PAIRS: tuple[tuple[tuple[int, bool], str, float], ...] = (
+    ((2, True), "float16", 0.9703), ((2, True), "sq8", 0.9660), ((2, True), "sq6", 0.9512),  # PQ192x4fs, 116.6 B/vector
+    ((3, True), "float16", 0.9466), ((3, True), "sq8", 0.9438), ((3, True), "sq6", 0.9328),  # PQ128x4fs, 82.5
+    ((4, False), "float16", 0.9726), ((4, False), "sq8", 0.9682), ((4, False), "sq6", 0.9526),  # PQ96, 110.7
+    ((6, False), "float16", 0.9687), ((6, False), "sq8", 0.9646), ((6, False), "sq6", 0.9500),  # PQ64, 78.7
+    ((8, False), "float16", 0.9568), ((8, False), "sq8", 0.9538), ((8, False), "sq6", 0.9409),  # PQ48, 62.7
+)
+
+
+def _pq_code(dimension: int, dims_per_code: int, fast_scan: bool) -> str:
+    count = pq_subquantizers(dimension, dims_per_code)
+    return f"PQ{count}x4fs" if fast_scan else f"PQ{count}"
+
+
+def rescoring_pairs(dimension: int, code: str = "auto") -> list[tuple[str, str]]:
+    """The (index code, re-scoring code) pairs the rule considers under a memory budget, in order (``code`` other than
+    auto: only the pairs with that re-scoring code): the 4-bit fast-scan codes first, then the 8-bit ones, each group
+    by measured recall; then the smaller 8-bit codes of :func:`pq_codecs`, not measured with sq8 / sq6.
+
+    Measured at 1M (``/root/wd/exp/rescore_pairs.py``: ``bench.index``'s synthetic 384-d vectors, 1,000 queries,
+    IVF4096 with the rule's coarse quantizer and training sample, nprobe 128 as the rule sets it at 10M, 500
+    candidates re-scored as ``ShardSearcher`` does, the float16 / sq8 / sq6 codes written by faiss scalar
+    quantizers trained on the same sample); recall@100 against exact search, index B/vector (1 shard of 1M;
+    at 10M in 10 shards the same), seconds for 1,000 queries x 500 candidates from the index alone (2 threads
+    on a loaded 2-core machine: a rough ratio only):
+
+    ==========  =====  ==============  =======  =====  =====  =====
+    index code  B/vec  search 1,000 q  no re-s  fp16   sq8    sq6
+    ==========  =====  ==============  =======  =====  =====  =====
+    PQ192x4fs   116.6  0.3 s           0.759    0.970  0.966  0.951
+    PQ128x4fs    82.5  0.3-0.7 s       0.653    0.947  0.944  0.933
+    PQ96x4fs     65.5  0.1 s           0.566    0.897  0.896  0.888
+    PQ96        110.7  1.7 s           0.832    0.973  0.968  0.953
+    PQ64         78.7  1.2 s           0.747    0.969  0.965  0.950
+    PQ48         62.7  0.5 s           0.688    0.957  0.954  0.941
+    ==========  =====  ==============  =======  =====  =====  =====
+
+    Re-scoring codes per vector: float16 768 B, sq8 384, sq6 288 (one range per dimension: ``QT_8bit`` /
+    ``QT_6bit``). sq8 loses 0.003-0.005 of recall, sq6 0.015-0.02, whatever the index code (sq4, 192 B: 0.877
+    with PQ192x4fs, not offered). Re-scoring 256 queries x 500 candidates of 384-d (one thread, loaded machine):
+    float16 91 ms, sq8 67 ms, sq6 251 ms (faiss decodes 6-bit codes component by component; a numpy unpacking
+    took as long). Fast-scan codes come first because 8-bit PQ scans 3-6x slower (bench.index: PQ48 1,951 against
+    PQ192x4fs 5,358 queries/s): an 8-bit pair is chosen only when no fast-scan pair fits. PQ96x4fs is not
+    considered (PQ48's size, far lower recall). Sizes with the 10M rule (10 shards, 4,096 lists): PQ192x4fs +
+    sq6 404.6 B/vector, PQ128x4fs + sq6 370.5, PQ96 + sq6 398.7, PQ64 + sq6 366.7, PQ48 + sq6 350.7.
+    """
+    codes = index_store.RESCORING_CODES if code == "auto" else (code,)
+    measured = sorted(MEASURED_PAIRS, key=lambda pair: (not pair[0][1], -pair[2]))
+    pairs = [(_pq_code(dimension, *pq), rescoring) for pq, rescoring, _ in measured if rescoring in codes]
+    pairs += [(codec, rescoring) for codec in pq_codecs(dimension) for rescoring in codes]  # the rest: smaller PQ codes, not measured with SQ
+    return list(dict.fromkeys(pairs))
+
+
+def _code_for_factory(factory: str, count: int, dimension: int, shards: int, budget: int, code: str) -> str:
+    """The re-scoring code of an explicit factory: ``code`` when set; with auto, the first of float16, sq8, sq6 that fits
+    the budget (float16 when none does, or for an exact index: an explicit factory is never refused for the budget)."""
+    if is_exact(factory, dimension):
+        return "float16"
+    if code != "auto":
+        return code
+    fitting = [rescoring for rescoring in index_store.RESCORING_CODES if not budget or memory_bytes(factory, count, dimension, shards, rescoring) <= budget]
+    return fitting[0] if fitting else "float16"
+
+
+def _auto_factory(count: int, dimension: int, shards: int, budget: int, code: str = "auto") -> tuple[str, str]:
+    """The rule's (factory, re-scoring code) for ``count`` vectors within ``budget`` bytes (0 = no limit)."""
+    def size(factory: str, rescoring: str = "float16") -> int:
+        return memory_bytes(factory, count, dimension, shards, rescoring)
 
     if count < FLAT_BELOW and (not budget or size("Flat") <= budget):
-        return "Flat"
+        return "Flat", "float16"
     if count < IVF_MIN_VECTORS:
         raise MemoryBudgetError(
             f"memory_budget {budget:,} B is less than a Flat index of {count:,} {dimension}-d vectors needs ({size('Flat'):,} B), and "
             f"{count:,} vectors are too few for a compressed (IVF-PQ) index (at least {IVF_MIN_VECTORS:,}); raise the budget or set faiss.factory"
         )
     nlist = ivf_lists(count)
-    factories = [f"IVF{nlist},{codec}" for codec in pq_codecs(dimension)]
-    for factory in factories:
-        if not budget or size(factory) <= budget:
-            return factory
-    smallest = factories[-1]
+    pairs = [(f"IVF{nlist},{codec}", rescoring) for codec, rescoring in rescoring_pairs(dimension, code)]
+    for factory, rescoring in pairs:
+        if not budget or size(factory, rescoring) <= budget:
+            return factory, rescoring
+    smallest, smallest_code = min(pairs, key=lambda pair: size(*pair))
+    considered = ", ".join(f"{rescoring} ({index_store.rescoring_code_size(rescoring, dimension)} B/vector)" for rescoring in dict.fromkeys(r for _, r in pairs))
     raise MemoryBudgetError(
         f"memory_budget {budget:,} B is too small for {count:,} {dimension}-d vectors in {shards} shard(s): the smallest index considered, "
-        f"{smallest}, needs about {size(smallest):,} B ({size(smallest) / count:.0f} B/vector, {rescoring_bytes(smallest, 1, dimension)} of them float16 re-scoring vectors); "
+        f"{smallest} with {smallest_code} re-scoring codes, needs about {size(smallest, smallest_code):,} B ({size(smallest, smallest_code) / count:.0f} B/vector, "
+        f"{rescoring_bytes(smallest, 1, dimension, smallest_code)} of them re-scoring data); re-scoring codes considered: {considered}; "
         f"raise the budget, or set faiss.factory"
     )
 
@@ -308,13 +400,15 @@ def fill_shard(
     folder: str,
     shard: int,
     root: str,
+    rescoring: dict | None = None,
 ) -> dict:
     """Add one shard's vectors (read from embedding parts) to a copy of the trained index and write it.
 
     ``sources`` lists (part URL, rows in that part, positions of those rows). Writes the faiss file
     into the version ``folder``, the re-scoring vectors as float16 under the index ``root``'s
     ``vectors/`` (:func:`index_store.write_shard_vectors`: named by their content, so an unchanged
-    shard references the file an earlier version wrote), then the stats file last; returns the stats.
+    shard references the file an earlier version wrote), or their sq8 / sq6 codes when ``rescoring``
+    gives the trained quantizer (:func:`rescoring_quantizer`), then the stats file last; returns the stats.
     """
     vectors = np.zeros((count, dimension), dtype=np.float32)
     filled = np.zeros(count, dtype=bool)
@@ -335,7 +429,7 @@ def fill_shard(
         "first_position": first_position,
         "sha256": storage.write_bytes_atomically(storage.join_url(folder, f"{name}.faiss"), index_bytes),
         "bytes": len(index_bytes),
-        **index_store.write_shard_vectors(root, vectors),
+        **index_store.write_shard_vectors(root, vectors, rescoring),
     }
     storage.write_json_atomically(storage.join_url(folder, f"{name}.json"), stats)
     return stats
@@ -458,7 +552,10 @@ def version_fingerprint(documents: pa.Table, plan: IndexPlan, model_settings: di
     whatever the table's chunking. Ids from before this scheme (which hashed one joined string) differ:
     those versions stay readable, but a rebuild of the same inputs writes a new version beside them.
     """
-    return documents_digest(json.dumps({"plan": plan.__dict__, "model": model_settings}, sort_keys=True).encode(), documents)[:16]
+    settings = dict(plan.__dict__)
+    if settings.get("rescoring_code") == "float16":
+        del settings["rescoring_code"]  # float16 is what every version held before the setting: their ids stay the same
+    return documents_digest(json.dumps({"plan": settings, "model": model_settings}, sort_keys=True).encode(), documents)[:16]
 
 
 def documents_digest(settings: bytes, documents: pa.Table) -> str:
@@ -520,6 +617,40 @@ def train_on_sample(factory: str, sources: list[tuple[str, np.ndarray, np.ndarra
     return train_index(factory, read_sources(sources, count), seed)
 
 
+def train_quantizer_on_sample(code: str, sources: list[tuple[str, np.ndarray, np.ndarray]], count: int) -> bytes:
+    """The sq8 / sq6 re-scoring quantizer trained on the index's training sample (:func:`index_store.train_rescoring_quantizer`), in a Ray task."""
+    return index_store.train_rescoring_quantizer(code, read_sources(sources, count))
+
+
+def rescoring_quantizer(located: pa.Table, plan: IndexPlan, dimension: int, folder: str) -> dict | None:
+    """The trained quantizer of the plan's sq8 / sq6 re-scoring codes as :func:`fill_shard` takes it (None for float16 or
+    an exact index): read from the version folder's ``rescoring.faiss`` when a run wrote it, else trained on the index's
+    training sample (the same seeded positions) and written there, before ``trained.faiss`` (so a resumed build that
+    reuses the trained index finds it)."""
+    import ray
+
+    if plan.rescoring_code == "float16" or is_exact(plan.factory, dimension):
+        return None
+    url = storage.join_url(folder, index_store.RESCORING_QUANTIZER_FILE)
+    if storage.exists(url):
+        return quantizer_for_fill(plan.rescoring_code, storage.read_bytes(url))
+    count = located.num_rows
+    positions = sample_positions(count, plan.training_sample or count, plan.seed)
+    print(f"training the {plan.rescoring_code} re-scoring quantizer on {len(positions)} vectors")
+    data = ray.get(ray.remote(num_cpus=1)(train_quantizer_on_sample).remote(plan.rescoring_code, training_sources(located, positions), len(positions)))
+    return write_rescoring_quantizer(folder, plan.rescoring_code, data)
+
+
+def write_rescoring_quantizer(folder: str, code: str, data: bytes) -> dict:
+    """Write a trained re-scoring quantizer (serialized) as the version folder's ``rescoring.faiss``; returns it as :func:`fill_shard` takes it."""
+    storage.write_bytes_atomically(storage.join_url(folder, index_store.RESCORING_QUANTIZER_FILE), data)
+    return quantizer_for_fill(code, data)
+
+
+def quantizer_for_fill(code: str, data: bytes) -> dict:
+    return {"code": code, "data": data, "file": index_store.RESCORING_QUANTIZER_FILE, "sha256": storage.sha256_bytes(data)}
+
+
 def sources_for_positions(located: pa.Table) -> list[tuple[str, np.ndarray, np.ndarray]]:
     return sources_for_range(located, 0, located.num_rows)
 
@@ -533,12 +664,14 @@ def build_shards(
 ) -> list[dict]:
     """Train (or reuse ``trained.faiss``) and fill every shard not already complete; returns shard stats.
 
-    ``folder`` is the version's folder, ``root`` the index root (shared re-scoring vectors: :func:`fill_shard`).
+    ``folder`` is the version's folder, ``root`` the index root (shared re-scoring vectors: :func:`fill_shard`; with an
+    sq8 / sq6 ``plan.rescoring_code``, their quantizer is trained first: :func:`rescoring_quantizer`).
     """
     import ray
 
     count = located.num_rows
     trained_url = storage.join_url(folder, "trained.faiss")
+    rescoring = rescoring_quantizer(located, plan, dimension, folder)
     if storage.exists(trained_url):
         trained = storage.read_bytes(trained_url)
         print(f"reusing trained index {trained_url}")
@@ -561,7 +694,7 @@ def build_shards(
             stats[shard] = storage.read_json(stats_url)
             continue
         sources = sources_for_range(located, start, end)
-        pending[fill.remote(trained_reference, sources, start, end - start, dimension, folder, shard, root)] = shard
+        pending[fill.remote(trained_reference, sources, start, end - start, dimension, folder, shard, root, rescoring)] = shard
     if stats:
         print(f"reusing {len(stats)} finished shard(s)")
     from tqdm import tqdm

@@ -9,10 +9,13 @@ Layout under an index root URL::
                                      list and shared by versions while unchanged (pipelines.document_store)
     documents/<key>.json             written after its .arrow file: sha256 and size (the file is complete)
     sparse/<key>.npz                 BM25 term counts of one shard, shared by versions (pipelines.sparse_index)
-    vectors/<sha256>.npy             one shard's float16 re-scoring vectors, named by their content's hash, shared
-                                     by versions (an unchanged shard in a rebuild references the existing file)
+    vectors/<sha256>.npy             one shard's float16 re-scoring vectors (or their uint8 SQ8 / SQ6 codes),
+                                     named by their content's hash, shared by versions (an unchanged shard in a
+                                     rebuild references the existing file)
     versions/<version id>/
         trained.faiss                the trained, empty index every shard was filled from
+        rescoring.faiss              with re-scoring code sq8 / sq6 only: the trained, empty faiss
+                                     IndexScalarQuantizer that encoded every shard's re-scoring codes
         shard-00000.faiss            one faiss file per shard (ids = global document positions)
         shard-00000.vectors.npy      versions before vectors/: the shard's float32 re-scoring vectors (still loaded)
         shard-00000.json             shard stats, written when the shard is complete (unit of resume)
@@ -53,6 +56,38 @@ SPARSE_FOLDER = "sparse"  # BM25 shard term counts, shared by versions (pipeline
 DOCUMENTS_FOLDER = "documents"  # document texts by position, shared by versions (pipelines.document_store)
 VECTORS_FOLDER = "vectors"  # shards' re-scoring vectors, content-addressed, shared by versions (write_shard_vectors)
 VECTORS_DTYPE = "float16"  # of the re-scoring vectors written now; versions without ``vectors_dtype`` hold float32
+RESCORING_QUANTIZER_FILE = "rescoring.faiss"  # in the version folder: the trained scalar quantizer of sq8 / sq6 re-scoring codes
+SCALAR_QUANTIZER_TYPES = {"sq8": "QT_8bit", "sq6": "QT_6bit"}  # re-scoring code -> faiss.ScalarQuantizer type (one range per dimension)
+RESCORING_CODES = ("float16", *SCALAR_QUANTIZER_TYPES)  # what re-scoring can read per vector: 2, 1 or 0.75 B x dimension
+
+
+def rescoring_code_size(code: str, dimension: int) -> int:
+    """Bytes per vector of a re-scoring code (pure arithmetic; what faiss's ScalarQuantizer ``code_size`` is).
+
+    Example:
+        >>> [rescoring_code_size(code, 384) for code in RESCORING_CODES]
+        [768, 384, 288]
+    """
+    if code == "float16":
+        return 2 * dimension
+    if code == "sq8":
+        return dimension
+    if code == "sq6":
+        return (6 * dimension + 7) // 8
+    raise ValueError(f"re-scoring code {code!r}: choose one of {', '.join(RESCORING_CODES)}")
+
+
+def train_rescoring_quantizer(code: str, vectors: np.ndarray) -> bytes:
+    """A faiss ``IndexScalarQuantizer`` of ``code`` (sq8 / sq6) trained on a sample, serialized empty: the codec of a
+    version's re-scoring codes (``sa_encode`` / ``sa_decode``; its per-dimension ranges are all it holds, a few kB)."""
+    import faiss
+
+    if code not in SCALAR_QUANTIZER_TYPES:
+        raise ValueError(f"re-scoring code {code!r} has no quantizer to train (choose one of {', '.join(SCALAR_QUANTIZER_TYPES)})")
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    index = faiss.IndexScalarQuantizer(vectors.shape[1], getattr(faiss.ScalarQuantizer, SCALAR_QUANTIZER_TYPES[code]), faiss.METRIC_INNER_PRODUCT)
+    index.train(vectors)
+    return serialize_index(index)
 
 
 def plain_name(value: object, what: str, source: str) -> str:
@@ -76,6 +111,8 @@ def check_manifest_paths(manifest: dict[str, Any], source: str) -> None:
                 raise IndexValidationError(f"{source}: shards[{number}].vectors_file {entry['vectors_file']!r} is not a file under the index's {VECTORS_FOLDER}/ "
                                            f"or in its version")
             plain_name(name if slash else folder, f"shards[{number}].vectors_file", source)
+        if "quantizer_file" in entry:  # sq8 / sq6 re-scoring codes: their quantizer, in the version folder
+            plain_name(entry["quantizer_file"], f"shards[{number}].quantizer_file", source)
     if "file" in manifest["doc_ids"]:
         plain_name(manifest["doc_ids"]["file"], "doc_ids.file", source)
     sparse = manifest.get("sparse")
@@ -150,8 +187,14 @@ def vectors_file(sha256: str) -> str:
     return f"{VECTORS_FOLDER}/{sha256[:32]}.npy"
 
 
-def write_shard_vectors(root: str, vectors: np.ndarray) -> dict[str, Any]:
+def write_shard_vectors(root: str, vectors: np.ndarray, quantizer: dict[str, Any] | None = None) -> dict[str, Any]:
     """Store one shard's re-scoring vectors (float16) under the root's ``vectors/``; returns the manifest's shard fields.
+
+    With ``quantizer`` (``{"code": "sq8" or "sq6", "data": the serialized trained quantizer, "file": its name in the
+    version folder, "sha256": its checksum}``) the file holds the vectors' uint8 codes instead (``sa_encode``; shape
+    (count, code size)), and the fields name the code and the quantizer: ``vectors_dtype`` uint8,
+    ``vectors_code``, ``quantizer_file``, ``quantizer_sha256`` (see :func:`rescoring_code_size` for the sizes and
+    ``pipelines.index_building.rescoring_pairs`` for the recall each code keeps).
 
     The file is named by the hash of its content, so a version whose shard holds the same vectors
     (a rerun, or an incremental rebuild where only other shards changed) references the file an earlier
@@ -168,15 +211,25 @@ def write_shard_vectors(root: str, vectors: np.ndarray) -> dict[str, Any]:
     (5,183 documents, the stored int8 MiniLM vectors; 300 test queries, IVF132,PQ192x4fs, every list
     probed): nDCG@10 0.6530 with float32, float16 and exact search alike, 0.6531 with SQ8 (0.6473 without
     re-scoring); recall@100 against exact search 1.0, 0.9999 and 0.9955 (1,000 documents as queries: 1.0,
-    0.9999, 0.9963). float16 keeps recall and nDCG; SQ8 loses about 0.005 of recall@100.
+    0.9999, 0.9963). float16 keeps recall and nDCG; SQ8 loses about 0.005 of recall@100. So float16 stays the
+    default, and sq8 / sq6 codes are written only when a memory budget needs them (at 1M, IVF4096,PQ192x4fs at
+    nprobe 128: recall@100 0.970 with float16, 0.966 with sq8 at half the bytes, 0.951 with sq6 at 288 B/vector;
+    ``pipelines.index_building.rescoring_pairs``).
     """
-    data = vectors_to_bytes(vectors, VECTORS_DTYPE)
+    if quantizer is None:
+        data = vectors_to_bytes(vectors, VECTORS_DTYPE)
+        described = {"vectors_dtype": VECTORS_DTYPE}
+    else:
+        codec = deserialize_index(quantizer["data"])
+        codes = codec.sa_encode(np.ascontiguousarray(vectors, dtype=np.float32))
+        data = vectors_to_bytes(codes, "uint8")
+        described = {"vectors_dtype": "uint8", "vectors_code": quantizer["code"], "quantizer_file": quantizer["file"], "quantizer_sha256": quantizer["sha256"]}
     sha = storage.sha256_bytes(data)
     name = vectors_file(sha)
     url = storage.join_url(root, name)
     if not (storage.exists(url) and file_sha256(url) == sha):
         storage.write_bytes_atomically(url, data)
-    return {"vectors_file": name, "vectors_sha256": sha, "vectors_bytes": len(data), "vectors_dtype": VECTORS_DTYPE}
+    return {"vectors_file": name, "vectors_sha256": sha, "vectors_bytes": len(data), **described}
 
 
 READ_BLOCK = 1 << 20
@@ -329,12 +382,14 @@ def _check_sha256(url: str, actual: str, expected_sha256: str) -> None:
 @dataclass
 class IndexShard:
     """One loaded shard: its faiss index, the global positions it covers, and (optionally) its re-scoring vectors
-    (float16, or float32 in older versions; read-only and memory-mapped when loaded from local files)."""
+    (float16, float32 in older versions, or uint8 SQ codes with their ``codec``; read-only and memory-mapped
+    when loaded from local files)."""
 
     number: int
     index: faiss.Index
     first_position: int
     vectors: np.ndarray | None = None
+    codec: faiss.Index | None = None  # with sq8 / sq6 re-scoring codes: the trained quantizer that decodes ``vectors`` (uint8 codes)
 
 
 @dataclass
@@ -371,7 +426,8 @@ def load_shard(root: str, manifest: dict[str, Any], shard: int, with_vectors: bo
     if nprobe:
         faiss.extract_index_ivf(index).nprobe = nprobe
     vectors = load_shard_vectors(root, manifest, shard) if with_vectors else None
-    return IndexShard(number=shard, index=index, first_position=entry["first_position"], vectors=vectors)
+    codec = load_rescoring_codec(root, manifest, shard) if with_vectors else None
+    return IndexShard(number=shard, index=index, first_position=entry["first_position"], vectors=vectors, codec=codec)
 
 
 def shard_vectors_url(root: str, manifest: dict[str, Any], shard: int) -> str:
@@ -382,9 +438,29 @@ def shard_vectors_url(root: str, manifest: dict[str, Any], shard: int) -> str:
     return storage.join_url(version_url(root, manifest["version_id"]), name)
 
 
+def load_rescoring_codec(root: str, manifest: dict[str, Any], shard: int) -> faiss.Index | None:
+    """The trained scalar quantizer that decodes a shard's sq8 / sq6 re-scoring codes (None for float vectors),
+    validated against the manifest (checksum, type, dimension)."""
+    import faiss
+
+    entry = manifest["shards"][shard]
+    code = entry.get("vectors_code")
+    if code is None:
+        return None
+    url = storage.join_url(version_url(root, manifest["version_id"]), plain_name(entry.get("quantizer_file"), "quantizer_file", "manifest"))
+    if code not in SCALAR_QUANTIZER_TYPES:
+        raise IndexValidationError(f"{url}: vectors_code {code!r} in the manifest is not one of {', '.join(SCALAR_QUANTIZER_TYPES)}")
+    codec = deserialize_index(read_checked(url, entry.get("quantizer_sha256", "")))  # faiss returns the concrete (owning) class
+    wanted = getattr(faiss.ScalarQuantizer, SCALAR_QUANTIZER_TYPES[code])
+    if not isinstance(codec, faiss.IndexScalarQuantizer) or codec.sq.qtype != wanted or codec.d != manifest["model"]["dimension"]:
+        raise IndexValidationError(f"{url}: not a {code} scalar quantizer of {manifest['model']['dimension']} dimensions")
+    return codec
+
+
 def load_shard_vectors(root: str, manifest: dict[str, Any], shard: int) -> np.ndarray:
     """The re-scoring vectors of one shard, validated against the manifest (checksum, dtype, shape): float16, or
-    float32 for versions written before float16 (no ``vectors_dtype``).
+    float32 for versions written before float16 (no ``vectors_dtype``), or uint8 sq8 / sq6 codes (``vectors_code``:
+    shape (count, code size); decoded by :func:`load_rescoring_codec`'s quantizer).
 
     On a local filesystem the file is memory-mapped (read-only) after its checksum is taken once, streamed:
     pages are read on demand and shared by every process on the node that maps the same file (searchers of
@@ -394,7 +470,13 @@ def load_shard_vectors(root: str, manifest: dict[str, Any], shard: int) -> np.nd
     entry = manifest["shards"][shard]
     expected = (entry["count"], manifest["model"]["dimension"])
     url = shard_vectors_url(root, manifest, shard)
-    if entry.get("vectors_dtype", "float32") not in ("float16", "float32"):
+    code = entry.get("vectors_code")
+    if code is not None:
+        if code not in SCALAR_QUANTIZER_TYPES or entry.get("vectors_dtype") != "uint8":
+            raise IndexValidationError(f"{url}: vectors_code {code!r} / vectors_dtype {entry.get('vectors_dtype')!r} in the manifest are not uint8 codes of "
+                                       f"{' or '.join(SCALAR_QUANTIZER_TYPES)}")
+        expected = (entry["count"], rescoring_code_size(code, manifest["model"]["dimension"]))
+    elif entry.get("vectors_dtype", "float32") not in ("float16", "float32"):
         raise IndexValidationError(f"{url}: vectors_dtype {entry['vectors_dtype']!r} in the manifest is not float16 or float32")
     dtype = np.dtype(entry.get("vectors_dtype", "float32"))
     filesystem, path = storage.filesystem_and_path(url)

@@ -9,7 +9,9 @@ shards or queries, and the result does not depend on how shards are grouped or v
 
 With exact re-scoring (the default) each searcher takes more candidates than K from its
 approximate (IVF-PQ) index and scores them exactly against the stored float16 vectors of its
-shard, so quantization error does not reach the ranking. A shard whose index already scores
+shard (or, when the index was built with ``--faiss.rescoring-code sq8`` / ``sq6`` for a tight memory
+budget, against their decoded scalar-quantizer codes: :func:`code_scores`), so the index's coarser
+quantization error does not reach the ranking. A shard whose index already scores
 exactly (Flat, IVF-Flat) is searched for K candidates directly, without loading its vectors.
 """
 
@@ -35,7 +37,7 @@ class SearchConfig:
     dense_weight: float = field(default=-1.0, metadata={"help": "weighted fusion: the dense retriever's weight, BM25 gets 1 - it; -1 = the weight jobs.train_reranker "
                                                                   "fitted on dev (the reranker's fusion.json, on its own corpus), else 0.5"})
     rrf_k: int = 60
-    exact_rescoring: bool = field(default=True, metadata={"help": "re-score candidates against the stored float16 vectors (float32 in older versions; not needed, so skipped, for exact indexes such as Flat)"})
+    exact_rescoring: bool = field(default=True, metadata={"help": "re-score candidates against the stored float16 vectors (their sq8 / sq6 codes when built so; float32 in older versions; not needed, so skipped, for exact indexes such as Flat)"})
     rescoring_candidates: int = field(default=0, metadata={"help": "approximate candidates per shard to re-score (0 = 5 x top-k: recall@100 0.970 at 1M vectors with IVF4096,PQ192x4fs, bench.index)"})
     nprobe: int = field(default=0, metadata={"help": "IVF lists to visit (0 = the manifest's; ignored for indexes without IVF lists)"})
     queries_per_batch: int = 256
@@ -182,6 +184,48 @@ def exact_scores(queries: np.ndarray, vectors: np.ndarray, local_ids: np.ndarray
 HALF_CHUNK_VALUES = 1 << 19  # float16 re-scoring: candidate values widened to float32 at a time (2 MiB)
 
 
+def code_scores(queries: np.ndarray, codes: np.ndarray, codec, local_ids: np.ndarray) -> np.ndarray:
+    """:func:`exact_scores` for uint8 scalar-quantizer codes (sq8 / sq6, ``index_store.write_shard_vectors``): inner products
+    of each query with its candidates' decoded codes; -inf where the id is padding (< 0).
+
+    ``codes`` (rows, code size), possibly memory-mapped; ``codec`` the trained ``faiss.IndexScalarQuantizer`` that wrote
+    them. Only the candidates' codes are gathered and decoded (``sa_decode``, into float32), a few queries at a time
+    (about 2 MiB of float32 values), then faiss's gather-and-dot kernel runs on them as for float16. Scores are exact
+    for the stored code: equal to the inner products with ``codec.sa_decode`` of the same codes.
+    """
+    import faiss
+
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    codes = np.ascontiguousarray(codes, dtype=np.uint8)
+    local_ids = np.asarray(local_ids)
+    code_size = int(codec.sa_code_size())
+    if queries.ndim != 2 or codes.ndim != 2 or local_ids.ndim != 2 or local_ids.shape[0] != queries.shape[0] or queries.shape[1] != codec.d or codes.shape[1] != code_size:
+        raise ValueError(f"shapes do not match: queries {queries.shape}, codes {codes.shape} (codec: {codec.d}-d, {code_size} B), ids {local_ids.shape}")
+    valid = local_ids >= 0
+    ids = np.ascontiguousarray(np.where(valid, local_ids, 0), dtype=np.int64)
+    if ids.size and (not len(codes) or ids.max() >= len(codes)):
+        raise ValueError(f"candidate id {int(ids.max())} is outside the shard's {len(codes)} codes")
+    scores = np.empty(ids.shape, dtype=np.float32)
+    if ids.size:
+        count, candidates = ids.shape
+        dimension = queries.shape[1]
+        per_chunk = max(1, HALF_CHUNK_VALUES // (candidates * dimension))
+        records = codes.view(np.dtype((np.void, code_size))).reshape(len(codes))  # one row = one item: a memcpy per candidate
+        gathered = np.empty((min(per_chunk, count) * candidates, code_size), dtype=np.uint8)
+        decoded = np.empty((len(gathered), dimension), dtype=np.float32)
+        local = np.arange(len(gathered), dtype=np.int64)
+        for start in range(0, count, per_chunk):
+            chunk = min(per_chunk, count - start)
+            size = chunk * candidates
+            np.take(records, ids[start : start + chunk].ravel(), out=gathered[:size].view(records.dtype).reshape(size))
+            codec.sa_decode_c(size, faiss.swig_ptr(gathered), faiss.swig_ptr(decoded))
+            faiss.fvec_inner_products_by_idx(
+                faiss.swig_ptr(scores[start : start + chunk]), faiss.swig_ptr(queries[start : start + chunk]), faiss.swig_ptr(decoded), faiss.swig_ptr(local),
+                dimension, chunk, candidates,
+            )
+    return np.where(valid, scores, -np.inf).astype(np.float32)
+
+
 def _half_scores(scores: np.ndarray, queries: np.ndarray, vectors: np.ndarray, ids: np.ndarray) -> None:
     """:func:`exact_scores` for float16 ``vectors`` (C-contiguous), into ``scores``, a few queries at a time."""
     import faiss
@@ -268,6 +312,7 @@ class ShardSearcher:
         loaded = index_store.load_shard(root, manifest, shard, with_vectors=False)
         if config.exact_rescoring and not has_exact_scores(loaded.index):
             loaded.vectors = index_store.load_shard_vectors(root, manifest, shard)
+            loaded.codec = index_store.load_rescoring_codec(root, manifest, shard)
         self._start(loaded, config, threads)
 
     @classmethod
@@ -294,6 +339,8 @@ class ShardSearcher:
         self.rescoring = config.exact_rescoring and not has_exact_scores(shard.index)
         if self.rescoring and shard.vectors is None:
             raise ValueError(f"shard {shard.number}: exact re-scoring needs the shard's vectors")
+        if self.rescoring and (shard.vectors.dtype == np.uint8) != (shard.codec is not None):
+            raise ValueError(f"shard {shard.number}: uint8 re-scoring codes need their quantizer (codec), and only they")
         self.candidates = max(config.top_k, config.rescoring_candidates or 5 * config.top_k) if self.rescoring else config.top_k
 
     def search(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -306,7 +353,10 @@ class ShardSearcher:
         positions = positions.astype(np.int64)
         if self.rescoring:
             local = np.where(positions >= 0, positions - self.shard.first_position, -1)
-            scores = exact_scores(queries, self.shard.vectors, local)
+            if self.shard.codec is not None:
+                scores = code_scores(queries, self.shard.vectors, self.shard.codec, local)
+            else:
+                scores = exact_scores(queries, self.shard.vectors, local)
         scores = np.where(positions < 0, -np.inf, scores).astype(np.float32)
         return positions, scores
 

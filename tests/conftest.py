@@ -97,9 +97,11 @@ def store_vectors(root, vectors: np.ndarray, parts: int, seed: int):
     return documents, store
 
 
-def write_index_version(root, factory: str, vectors: np.ndarray, shards: int = 1, nprobe: int = 0, version_id: str = "v1") -> dict:
+def write_index_version(root, factory: str, vectors: np.ndarray, shards: int = 1, nprobe: int = 0, version_id: str = "v1",
+                        rescoring_code: str = "float16") -> dict:
     """An index version of ``vectors`` under ``root``: embedding parts, located, ``train_index`` on the rule's sample,
     ``fill_shard`` per shard, and a manifest with what loading and search read; returns the manifest.
+    ``rescoring_code`` sq8 / sq6: the re-scoring quantizer is trained on the same sample and the shards store codes.
     """
     from pipelines import index_store, storage
     from pipelines.index_building import (
@@ -112,17 +114,21 @@ def write_index_version(root, factory: str, vectors: np.ndarray, shards: int = 1
         shard_ranges,
         sources_for_range,
         train_index,
+        write_rescoring_quantizer,
     )
 
     count, dimension = vectors.shape
     documents, store = store_vectors(root, vectors, parts=2, seed=0)
     located = locate_vectors(documents, store.keys())
-    plan = choose_index_parameters(count, dimension, IndexConfig(factory=factory, nprobe=nprobe, shards=shards))
+    plan = choose_index_parameters(count, dimension, IndexConfig(factory=factory, nprobe=nprobe, shards=shards, rescoring_code=rescoring_code))
     sample = read_training_vectors(located, sample_positions(count, plan.training_sample, plan.seed)) if plan.training_sample else vectors[:1]
     trained = train_index(plan.factory, sample, plan.seed)
     folder = index_store.version_url(str(root), version_id)
+    rescoring = None
+    if plan.rescoring_code != "float16":
+        rescoring = write_rescoring_quantizer(folder, plan.rescoring_code, index_store.train_rescoring_quantizer(plan.rescoring_code, sample))
     stats = [
-        fill_shard(trained, sources_for_range(located, start, end), start, end - start, dimension, folder, shard, str(root))
+        fill_shard(trained, sources_for_range(located, start, end), start, end - start, dimension, folder, shard, str(root), rescoring)
         for shard, (start, end) in enumerate(shard_ranges(count, plan.shards))
     ]
     manifest = {

@@ -14,7 +14,7 @@ import pytest
 from conftest import write_index_version
 
 from pipelines import index_store, storage
-from pipelines.fan_out_search import FanOutSearch, ShardGroupSearcher, ShardPoolPlan, plan_shard_pool, start_shard_pool
+from pipelines.fan_out_search import FanOutSearch, ShardGroupSearcher, ShardPoolPlan, plan_shard_pool, resident_bytes, start_shard_pool
 from pipelines.index_store import IndexShard
 from pipelines.shard_search import PADDING_POSITION, SearchConfig, ShardSearcher, merge_candidate_lists, merge_top_k
 from pipelines.sparse_index import STATISTICS_FILE, Bm25Config, GlobalStatistics, TermCounts, Tokenizer, shard_file
@@ -205,3 +205,13 @@ def test_the_shard_pool_is_bounded_by_memory_and_holds_uneven_shard_counts():
     assert [shard for _, sparse in uneven.groups for shard in sparse] == [0, 1, 2] and [shard for dense, _ in uneven.groups for shard in dense] == [0, 1]
     with pytest.raises(ValueError, match="no shards"):
         plan_shard_pool(4, 0, 0)
+
+
+def test_resident_bytes_count_the_stored_re_scoring_data():
+    manifest = {"model": {"dimension": 384}, "shards": [
+        {"bytes": 1_000, "count": 100, "vectors_bytes": 38_528, "vectors_dtype": "float16"},  # 100 x 768 B float16 + header
+        {"bytes": 1_000, "count": 100, "vectors_bytes": 28_928, "vectors_dtype": "uint8", "vectors_code": "sq6"},  # 100 x 288 B
+        {"bytes": 1_000, "count": 100},  # an entry without its size: float32 vectors, an upper bound
+    ]}
+    assert resident_bytes(manifest, "dense", SearchConfig()) == 3_000 + 38_528 + 28_928 + 4 * 384 * 100
+    assert resident_bytes(manifest, "dense", SearchConfig(exact_rescoring=False)) == 3_000

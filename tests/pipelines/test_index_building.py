@@ -90,29 +90,55 @@ def test_explicit_settings_override_the_rule():
 
 
 @pytest.mark.parametrize(
-    ("budget", "factory"),
+    ("budget", "factory", "code"),
     [
-        ("0", "IVF4096,PQ192x4fs"),  # no limit
-        ("8GiB", "IVF4096,PQ192x4fs"),
-        ("885MB", "IVF4096,PQ192x4fs"),  # 116.6 MB of index + 768 MB of float16 re-scoring vectors
-        ("884MB", "IVF4096,PQ48"),  # 8-bit PQ48 (62.7 + 768 MB): recall@100 0.957 against 0.897 for PQ96x4fs of the same size
-        ("820MB", "IVF4096,PQ32"),
-        ("795MB", "IVF4096,PQ12"),
+        ("0", "IVF4096,PQ192x4fs", "float16"),  # no limit: float16 re-scoring vectors, as before the setting
+        ("8GiB", "IVF4096,PQ192x4fs", "float16"),
+        ("885MB", "IVF4096,PQ192x4fs", "float16"),  # 116.6 MB of index + 768 MB of float16 re-scoring vectors
+        ("884MB", "IVF4096,PQ192x4fs", "sq8"),  # 116.6 + 384 MB: recall@100 0.966, above PQ128x4fs (0.947) or PQ48 (0.957) with float16
+        ("500MB", "IVF4096,PQ192x4fs", "sq6"),  # 116.6 + 288 MB: 0.951
+        ("404MB", "IVF4096,PQ128x4fs", "sq6"),  # 82.5 + 288 MB: 0.933, the last fast-scan pair
+        ("370MB", "IVF4096,PQ64", "sq6"),  # 8-bit codes only when no fast-scan pair fits: 78.7 + 288 MB, 0.950
+        ("360MB", "IVF4096,PQ48", "sq6"),
+        ("340MB", "IVF4096,PQ32", "sq6"),  # not measured with sq6
     ],
 )
-def test_the_memory_budget_picks_the_largest_code_that_fits(budget, factory):
+def test_the_memory_budget_picks_the_best_measured_pair_that_fits(budget, factory, code):
     plan = choose_index_parameters(1_000_000, 384, IndexConfig(memory_budget=budget))
-    assert plan.factory == factory and plan.nprobe == 135
-    assert parse_bytes(budget) == 0 or memory_bytes(factory, 1_000_000, 384) <= parse_bytes(budget)
+    assert (plan.factory, plan.rescoring_code, plan.nprobe) == (factory, code, 135)
+    assert parse_bytes(budget) == 0 or memory_bytes(factory, 1_000_000, 384, 1, code) <= parse_bytes(budget)
+
+
+def test_the_goal_budget_of_400_bytes_per_vector_at_10m_and_explicit_codes():
+    plan = choose_index_parameters(10_000_000, 384, IndexConfig(memory_budget=str(400 * 10_000_000)))
+    assert (plan.factory, plan.rescoring_code, plan.shards, plan.nprobe) == ("IVF4096,PQ128x4fs", "sq6", 10, 128)
+    assert memory_bytes("IVF4096,PQ128x4fs", 10_000_000, 384, 10, "sq6") == 3_705_103_360  # 370.5 B/vector
+    assert memory_bytes("IVF4096,PQ192x4fs", 10_000_000, 384, 10, "sq6") > 400 * 10_000_000  # 404.6 B/vector
+    # an explicit code keeps to it: float16 does not fit 400 B/vector with any index
+    with pytest.raises(MemoryBudgetError, match=r"IVF4096,PQ6 with float16 re-scoring codes, needs about 7,886,846,720 B \(789 B/vector, 768 of them "
+                       r"re-scoring data\); re-scoring codes considered: float16 \(768 B/vector\)"):
+        choose_index_parameters(10_000_000, 384, IndexConfig(memory_budget=str(400 * 10_000_000), rescoring_code="float16"))
+    assert choose_index_parameters(1_000_000, 384, IndexConfig(memory_budget="884MB", rescoring_code="float16")).factory == "IVF4096,PQ128x4fs"
+    assert choose_index_parameters(1_000_000, 384, IndexConfig(rescoring_code="sq6")).rescoring_code == "sq6"  # no budget: the rule's index, the code asked for
+    # an explicit factory: the first code that fits with it, float16 when none does (an explicit factory is not refused)
+    for budget, code in (("0", "float16"), ("885MB", "float16"), ("600MB", "sq8"), ("450MB", "sq6"), ("100MB", "float16")):
+        assert choose_index_parameters(1_000_000, 384, IndexConfig(factory="IVF4096,PQ192x4fs", memory_budget=budget)).rescoring_code == code
+    assert choose_index_parameters(1_000_000, 384, IndexConfig(factory="IVF64,Flat", rescoring_code="sq8")).rescoring_code == "float16"  # exact: nothing re-scored
+    with pytest.raises(ValueError, match="--rescoring-code sq4: choose auto, float16, sq8, sq6"):
+        IndexConfig(rescoring_code="sq4").validate()
+    assert parse_config(IndexConfig, ["--rescoring-code", "sq8"]).rescoring_code == "sq8"  # --faiss.rescoring-code in jobs.build_index
 
 
 @pytest.mark.parametrize(("factory", "rescoring"), [("IVF4096,PQ192x4fs", 2 * 384), ("IVF4096,PQ48", 2 * 384), ("IVF64,SQ8", 2 * 384), ("Flat", 0), ("IVF64,Flat", 0)])
-def test_the_budget_counts_float16_re_scoring_vectors_for_compressed_indexes_only(factory, rescoring):
+def test_the_budget_counts_re_scoring_data_for_compressed_indexes_only(factory, rescoring):
     assert rescoring_bytes(factory, 1_000_000, 384) == 1_000_000 * rescoring
+    for code, per_dimension in (("sq8", 1), ("sq6", 0.75)):
+        assert rescoring_bytes(factory, 1_000_000, 384, code) == (1_000_000 * int(384 * per_dimension) if rescoring else 0)
     assert memory_bytes(factory, 1_000_000, 384, shards=2) == estimate_index_bytes(factory, 1_000_000, 384, shards=2) + 1_000_000 * rescoring
-    if factory == "IVF4096,PQ192x4fs":  # the rule's choice at 1M: one byte short of index + vectors, the next code is chosen
-        assert choose_index_parameters(1_000_000, 384, IndexConfig(memory_budget=str(memory_bytes(factory, 1_000_000, 384)))).factory == factory
-        assert choose_index_parameters(1_000_000, 384, IndexConfig(memory_budget=str(memory_bytes(factory, 1_000_000, 384) - 1))).factory == "IVF4096,PQ48"
+    if factory == "IVF4096,PQ192x4fs":  # the rule's choice at 1M: one byte short of index + float16 vectors, sq8 codes are chosen
+        assert choose_index_parameters(1_000_000, 384, IndexConfig(memory_budget=str(memory_bytes(factory, 1_000_000, 384)))).rescoring_code == "float16"
+        plan = choose_index_parameters(1_000_000, 384, IndexConfig(memory_budget=str(memory_bytes(factory, 1_000_000, 384) - 1)))
+        assert (plan.factory, plan.rescoring_code) == (factory, "sq8")
         with pytest.raises(MemoryBudgetError):  # room for the index alone is not enough
             choose_index_parameters(1_000_000, 384, IndexConfig(memory_budget=str(estimate_index_bytes(factory, 1_000_000, 384))))
 
@@ -120,9 +146,10 @@ def test_the_budget_counts_float16_re_scoring_vectors_for_compressed_indexes_onl
 def test_a_budget_below_flat_gives_a_compressed_index_and_one_that_nothing_fits_is_an_error():
     assert choose_index_parameters(100_000, 384, IndexConfig(memory_budget="200MB")).factory == "Flat"  # 154.4 MB
     assert choose_index_parameters(100_000, 384, IndexConfig(memory_budget="100MB")).factory == "IVF1024,PQ192x4fs"  # 11.7 + 76.8 MB
-    with pytest.raises(MemoryBudgetError, match=r"memory_budget 780,000,000 B is too small for 1,000,000 384-d vectors in 1 shard\(s\): the smallest index "
-                       r"considered, IVF4096,PQ6, needs about 788,684,672 B \(789 B/vector, 768 of them float16 re-scoring vectors\)"):
-        choose_index_parameters(1_000_000, 384, IndexConfig(memory_budget="780MB"))  # 20.7 MB of index
+    with pytest.raises(MemoryBudgetError, match=r"memory_budget 300,000,000 B is too small for 1,000,000 384-d vectors in 1 shard\(s\): the smallest index "
+                       r"considered, IVF4096,PQ6 with sq6 re-scoring codes, needs about 308,684,672 B \(309 B/vector, 288 of them re-scoring data\); "
+                       r"re-scoring codes considered: float16 \(768 B/vector\), sq8 \(384 B/vector\), sq6 \(288 B/vector\)"):
+        choose_index_parameters(1_000_000, 384, IndexConfig(memory_budget="300MB"))  # 20.7 MB of index
     with pytest.raises(MemoryBudgetError, match="1,000 vectors are too few for a compressed"):
         choose_index_parameters(1_000, 384, IndexConfig(memory_budget="100kB"))
     # each shard holds its own copy of the coarse quantizer
@@ -210,8 +237,8 @@ def test_ivf_pq_index_finds_its_own_vectors(tmp_path):
     vectors = clustered_vectors(count, dimension, seed=0)
     documents, store = store_vectors(tmp_path, vectors, parts=4, seed=1)
     located = locate_vectors(documents, store.keys())
-    plan = choose_index_parameters(count, dimension, IndexConfig(shards=3, memory_budget="3.6MB"))  # Flat: 5.3 MB; PQ32x4fs + float16 vectors: 3.8 MB
-    assert plan.factory == "IVF512,PQ8" and plan.nprobe == 512  # 20,000 vectors: probing every list scans fewer than 32k
+    plan = choose_index_parameters(count, dimension, IndexConfig(shards=3, memory_budget="3.6MB", rescoring_code="float16"))  # Flat: 5.3 MB; PQ32x4fs + float16 vectors: 3.8 MB
+    assert plan.factory == "IVF512,PQ16x4fs" and plan.nprobe == 512  # (the fast-scan code of one sub-quantizer per 3 dimensions: 21 -> 16)  # 20,000 vectors: probing every list scans fewer than 32k
 
     positions = sample_positions(count, plan.training_sample, plan.seed)
     assert len(positions) == plan.training_sample and np.all(np.diff(positions) > 0)
@@ -546,3 +573,48 @@ def test_build_shards_resumes_only_the_unfinished_shard(ray_session, tmp_path):
     rebuilt = {name for name in after if after[name] != built.get(name)}
     assert rebuilt == {"shard-00001.faiss", "shard-00001.json"}
     assert sorted(file_stamps(tmp_path / "vectors")) == sorted(shared)
+
+
+def test_the_version_id_of_a_float16_plan_is_the_one_before_the_setting_and_other_codes_differ():
+    import json
+
+    from pipelines.index_building import documents_digest
+
+    documents = pa.table({"id": ["a", "b"], "text_hash": ["1", "2"]})
+    model = {"model": "m"}
+    plan = IndexPlan("IVF16,PQ4", 16, 1, 100, 1234)
+    before = documents_digest(json.dumps({"plan": {"factory": "IVF16,PQ4", "nprobe": 16, "shards": 1, "training_sample": 100, "seed": 1234}, "model": model},
+                                         sort_keys=True).encode(), documents)[:16]
+    assert plan.rescoring_code == "float16" and version_fingerprint(documents, plan, model) == before
+    assert len({before, *(version_fingerprint(documents, IndexPlan("IVF16,PQ4", 16, 1, 100, 1234, code), model) for code in ("sq8", "sq6"))}) == 3
+
+
+def test_build_shards_with_sq8_codes_trains_the_quantizer_once_and_resumes(ray_session, tmp_path):
+    count, dimension = 3_000, 16
+    vectors = clustered_vectors(count, dimension, seed=7)
+    documents, store = store_vectors(tmp_path, vectors, parts=3, seed=8)
+    located = locate_vectors(documents, store.keys())
+    plan = IndexPlan(factory="IVF16,PQ4x4fs", nprobe=16, shards=2, training_sample=2_000, seed=9, rescoring_code="sq8")
+    folder = index_store.version_url(str(tmp_path), "v1")
+
+    stats = build_shards(located, plan, dimension, folder, str(tmp_path))
+    quantizer = storage.read_bytes(f"{folder}/{index_store.RESCORING_QUANTIZER_FILE}")
+    assert all((s["vectors_code"], s["quantizer_file"], s["quantizer_sha256"]) == ("sq8", "rescoring.faiss", storage.sha256_bytes(quantizer)) for s in stats)
+    expected = index_store.train_rescoring_quantizer("sq8", vectors[sample_positions(count, plan.training_sample, plan.seed)])
+    assert quantizer == expected  # trained on the index's training sample
+    manifest = {"version_id": "v1", "model": {"dimension": dimension}, "index": {"nprobe": 16}, "shards": stats}
+    queries = vectors[::100]
+    for shard, entry in enumerate(stats):
+        codes = index_store.load_shard_vectors(str(tmp_path), manifest, shard)
+        assert codes.dtype == np.uint8 and codes.shape == (entry["count"], dimension)
+        loaded = index_store.load_shard(str(tmp_path), manifest, shard, with_vectors=True)
+        searcher = ShardSearcher.from_shard(loaded, SearchConfig(top_k=5))
+        positions, scores = searcher.search(queries)
+        decoded = loaded.codec.sa_decode(np.ascontiguousarray(codes))
+        np.testing.assert_allclose(scores, np.einsum("qd,qkd->qk", queries, decoded[positions - entry["first_position"]]), atol=1e-6)
+    # a rerun reuses everything; a resumed build reuses the quantizer with the trained index
+    built = file_stamps(folder)
+    assert build_shards(located, plan, dimension, folder, str(tmp_path)) == stats and file_stamps(folder) == built
+    os.remove(os.path.join(folder, "shard-00001.json"))
+    assert build_shards(located, plan, dimension, folder, str(tmp_path)) == stats
+    assert file_stamps(folder)["rescoring.faiss"] == built["rescoring.faiss"]

@@ -196,3 +196,75 @@ def test_vectors_files_are_under_the_roots_vectors_folder_or_in_the_version(name
     else:
         with pytest.raises(IndexValidationError, match=r"manifest.json: shards\[0\]\.vectors_file .* is not"):
             index_store.check_manifest_paths(manifest, "manifest.json")
+
+
+# --- sq8 / sq6 re-scoring codes: uint8 codes under vectors/, their quantizer in the version ---------------------
+
+
+@pytest.mark.parametrize("code", ["sq8", "sq6"])
+def test_scalar_quantizer_codes_are_stored_loaded_and_re_score_as_their_decoded_vectors(tmp_path, code):
+    from pipelines.shard_search import SearchConfig, ShardSearcher
+
+    vectors = unit_vectors(3_000, 16, seed=5)
+    manifest = write_index_version(tmp_path, "IVF8,PQ8x4fs", vectors, shards=2, rescoring_code=code)
+    quantizer = tmp_path / "versions" / "v1" / index_store.RESCORING_QUANTIZER_FILE
+    queries = unit_vectors(40, 16, seed=6)
+    for shard, entry in enumerate(manifest["shards"]):
+        assert (entry["vectors_dtype"], entry["vectors_code"], entry["quantizer_file"]) == ("uint8", code, "rescoring.faiss")
+        assert entry["quantizer_sha256"] == storage.sha256_bytes(quantizer.read_bytes())
+        codes = index_store.load_shard_vectors(str(tmp_path), manifest, shard)
+        assert isinstance(codes, np.memmap) and codes.dtype == np.uint8 and codes.shape == (entry["count"], index_store.rescoring_code_size(code, 16))
+        assert entry["vectors_bytes"] < codes.nbytes + 200 and codes.nbytes == entry["count"] * {"sq8": 16, "sq6": 12}[code]
+        codec = index_store.load_rescoring_codec(str(tmp_path), manifest, shard)
+        start = entry["first_position"]
+        np.testing.assert_array_equal(codes, codec.sa_encode(vectors[start : start + entry["count"]]))
+        decoded = codec.sa_decode(np.ascontiguousarray(codes))
+        assert np.abs(decoded - vectors[start : start + entry["count"]]).max() < {"sq8": 0.01, "sq6": 0.05}[code]
+        searcher = ShardSearcher(str(tmp_path), "v1", shard, SearchConfig(top_k=10))
+        assert searcher.rescoring and searcher.shard.codec is not None and searcher.candidates == 50
+        positions, scores = searcher.search(queries)
+        assert (positions >= start).all() and (positions < start + entry["count"]).all()
+        np.testing.assert_allclose(scores, np.einsum("qd,qkd->qk", queries, decoded[positions - start]), rtol=0, atol=1e-6)  # exact for the stored code
+
+
+def test_float16_versions_have_no_codec_and_keep_the_float16_path(tmp_path):
+    from pipelines.shard_search import SearchConfig, ShardSearcher
+
+    vectors = unit_vectors(2_000, 16, seed=7)
+    manifest = write_index_version(tmp_path, "IVF8,PQ8x4fs", vectors, shards=1)
+    assert "vectors_code" not in manifest["shards"][0] and manifest["shards"][0]["vectors_dtype"] == "float16"
+    assert index_store.load_rescoring_codec(str(tmp_path), manifest, 0) is None
+    shard = index_store.load_shard(str(tmp_path), manifest, 0, with_vectors=True)
+    assert shard.codec is None and shard.vectors.dtype == np.float16
+    assert ShardSearcher(str(tmp_path), "v1", 0, SearchConfig(top_k=10)).shard.codec is None
+
+
+def test_damaged_or_mislabelled_scalar_quantizer_files_are_refused(tmp_path):
+    vectors = unit_vectors(2_000, 16, seed=8)
+    manifest = write_index_version(tmp_path, "IVF8,PQ8x4fs", vectors, shards=1, rescoring_code="sq8")
+    root, folder = str(tmp_path), tmp_path / "versions" / "v1"
+    quantizer = folder / index_store.RESCORING_QUANTIZER_FILE
+    original = quantizer.read_bytes()
+    flip_a_byte(quantizer)
+    with pytest.raises(IndexValidationError, match=f"{quantizer}: checksum mismatch"):
+        index_store.load_shard(root, manifest, 0, with_vectors=True)
+    index_store.load_shard(root, manifest, 0, with_vectors=False)  # re-scoring data is only read (and checked) on request
+    quantizer.write_bytes(original)
+    codes = tmp_path / manifest["shards"][0]["vectors_file"]
+    original = codes.read_bytes()
+    flip_a_byte(codes)
+    with pytest.raises(IndexValidationError, match=f"{codes}: checksum mismatch"):
+        index_store.load_shard_vectors(root, manifest, 0)
+    codes.write_bytes(original)
+    for change, message in [
+        ({"vectors_code": "sq6"}, r"uint8 \(2000, 16\), expected uint8 \(2000, 12\)"),  # sq6 codes would be 12 B
+        ({"vectors_code": "sq4"}, "vectors_code 'sq4' / vectors_dtype 'uint8' in the manifest are not uint8 codes of sq8 or sq6"),
+        ({"vectors_dtype": "float16"}, "are not uint8 codes"),
+    ]:
+        entry = {**manifest["shards"][0], **change}
+        with pytest.raises(IndexValidationError, match=message):
+            index_store.load_shard_vectors(root, {**manifest, "shards": [entry]}, 0)
+    with pytest.raises(IndexValidationError, match="not a sq6 scalar quantizer of 16 dimensions"):
+        index_store.load_rescoring_codec(root, {**manifest, "shards": [{**manifest["shards"][0], "vectors_code": "sq6"}]}, 0)
+    with pytest.raises(IndexValidationError, match=r"shards\[0\]\.quantizer_file '\.\./rescoring\.faiss' is not a plain name"):
+        index_store.check_manifest_paths({**manifest, "shards": [{**manifest["shards"][0], "quantizer_file": "../rescoring.faiss"}]}, "manifest.json")

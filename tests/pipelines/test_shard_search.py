@@ -17,6 +17,7 @@ from pipelines.shard_search import (
     BLAS_QUERY_THRESHOLD,
     SearchConfig,
     ShardSearcher,
+    code_scores,
     empty_candidates,
     exact_scores,
     half_to_float,
@@ -151,6 +152,38 @@ def test_exact_scores_equal_numpy_inner_products_with_padding():
     assert exact_scores(queries, vectors, np.zeros((7, 0), dtype=np.int64)).shape == (7, 0)
     with pytest.raises(ValueError, match="candidate id 50 is outside the shard's 50 vectors"):
         exact_scores(queries, vectors, np.full((7, 1), 50))
+
+
+@pytest.mark.parametrize("code", ["sq8", "sq6"])
+def test_scalar_quantizer_codes_score_as_the_inner_products_of_their_decoded_vectors(code):
+    from pipelines import index_store
+
+    rng = np.random.default_rng(3)
+    vectors = clustered_vectors(2_000, 40, 10, seed=3)
+    codec = deserialize_index(index_store.train_rescoring_quantizer(code, vectors[:500]))
+    codes = codec.sa_encode(vectors)
+    assert codes.shape == (2_000, index_store.rescoring_code_size(code, 40))
+    queries = clustered_vectors(9, 40, 10, seed=4)
+    ids = rng.integers(0, 2_000, size=(9, 700))  # 700 x 40 values per query: more than one chunk of HALF_CHUNK_VALUES over all queries
+    ids[rng.random(ids.shape) < 0.1] = -1
+    ids[4] = -1
+    scores = code_scores(queries, codes, codec, ids)
+    decoded = codec.sa_decode(codes[np.maximum(ids, 0).ravel()]).reshape(9, 700, 40)
+    expected = np.where(ids >= 0, np.einsum("qd,qkd->qk", queries, decoded), -np.inf)
+    np.testing.assert_allclose(scores, expected, rtol=0, atol=1e-6)
+    assert scores.dtype == np.float32 and np.array_equal(np.isneginf(scores), ids < 0)
+    valid = ids >= 0
+    assert np.abs(scores[valid] - np.einsum("qd,qkd->qk", queries, vectors[np.maximum(ids, 0)])[valid]).max() < 0.05  # near the float vectors' products
+    assert code_scores(queries, codes, codec, np.zeros((9, 0), dtype=np.int64)).shape == (9, 0)
+    with pytest.raises(ValueError, match="candidate id 2000 is outside the shard's 2000 codes"):
+        code_scores(queries, codes, codec, np.full((9, 1), 2_000))
+    # a searcher needs the codec with uint8 codes, and refuses one with float vectors
+    index = make_empty_index("IVF4,PQ4x4fs", 40)
+    index.train(vectors)
+    with pytest.raises(ValueError, match="uint8 re-scoring codes need their quantizer"):
+        make_searcher(index, codes, 0, SearchConfig(top_k=5))
+    with pytest.raises(ValueError, match="uint8 re-scoring codes need their quantizer"):
+        ShardSearcher.from_shard(IndexShard(number=0, index=index, first_position=0, vectors=vectors, codec=codec), SearchConfig(top_k=5))
 
 
 def test_float16_vectors_score_like_float32_and_rank_the_same_apart_from_near_ties():
