@@ -41,7 +41,8 @@ shaped like MiniLM embeddings (``bench.index.SyntheticVectors``) written as embe
 parts (cached), then the index steps of ``build_index`` (``locate_vectors``, ``choose_index_parameters``,
 ``build_shards`` on Ray, the manifest) and a ``ShardSearcher`` per shard (loaded one at a time,
 candidates merged with ``merge_top_k``): build time, bytes per vector on disk and in RAM (index plus
-re-scoring vectors), queries/s, recall@100 against exact search (faiss ``IndexFlatIP`` chunk by
+re-scoring data, each also apart; the build's memory budget, ``--index-memory-budget``, 400 B/vector by
+default, decides the index code and the re-scoring code: float16 vectors or sq8 / sq6 codes), queries/s, recall@100 against exact search (faiss ``IndexFlatIP`` chunk by
 chunk while the vectors are generated; its queries/s is the flat baseline).
 
     python -m bench.scale                                  # 100k documents, 100k queries
@@ -747,12 +748,19 @@ def generate_vectors(workdir: Path, count: int, queries: np.ndarray, recall_quer
     return root, spec
 
 
+INDEX_BYTES_PER_VECTOR_GOAL = 400  # issue 14: at most 400 B/vector in RAM for the index plus its re-scoring data (--index-memory-budget)
+
+
 def run_index_only(arguments, workdir: Path, spill: Path) -> dict[str, Any]:
-    """Build the index of ``--vectors`` stored synthetic vectors with the pipeline's index steps, then search it shard by shard."""
+    """Build the index of ``--vectors`` stored synthetic vectors with the pipeline's index steps, then search it shard by shard.
+
+    The build's memory budget is ``--index-memory-budget`` (400 B/vector by default): the index rule picks the
+    (index code, re-scoring code) pair of best measured recall within it (``pipelines.index_building.rescoring_pairs``).
+    """
     import pyarrow as pa
 
     from bench.index import SyntheticSpec, SyntheticVectors, recall
-    from pipelines import index_store
+    from pipelines import index_building, index_store
     from pipelines.embedding import EmbeddingConfig, EmbeddingStore, model_key
     from pipelines.index_building import (
         IndexConfig,
@@ -776,8 +784,9 @@ def run_index_only(arguments, workdir: Path, spill: Path) -> dict[str, Any]:
     with StageMonitor("index_build", count, written=[root], spill_folder=spill) as monitor:
         documents = pa.table({"position": pa.array(np.arange(count, dtype=np.int64)), "id": numbered("v", 0, count), "text_hash": numbered("h", 0, count)})
         located = locate_vectors(documents, store.keys())
-        plan = choose_index_parameters(count, dimension, IndexConfig())
-        print(f"index only: {count:,} vectors, {plan.factory}, {plan.shards} shard(s), nprobe {plan.nprobe}", flush=True)
+        plan = choose_index_parameters(count, dimension, IndexConfig(memory_budget=str(arguments.index_memory_budget)))
+        print(f"index only: {count:,} vectors, {plan.factory}, {plan.rescoring_code} re-scoring, {plan.shards} shard(s), nprobe {plan.nprobe} "
+              f"(memory budget {arguments.index_memory_budget} B)", flush=True)
         shards = build_shards(located, plan, dimension, str(folder), str(root))
         del located
         manifest = index_store.Manifest(
@@ -800,7 +809,7 @@ def run_index_only(arguments, workdir: Path, spill: Path) -> dict[str, Any]:
     points = []
     for nprobe in [0] + [value for value in arguments.nprobes if plan.nprobe and value != plan.nprobe]:  # 0: the version's own (the rule's); none for Flat
         with StageMonitor("index_search", len(queries)) as search_monitor:
-            positions, search_s, ram_bytes, rss_growth = search_shard_by_shard(str(root), version_id, shards, queries, nprobe, arguments.cpus)
+            positions, search_s, ram_bytes, rss_growth, rescoring_ram = search_shard_by_shard(str(root), version_id, shards, queries, nprobe, arguments.cpus)
         points.append({"nprobe": nprobe or plan.nprobe, "queries_per_s": len(queries) / search_s, "speedup_vs_flat": len(queries) / search_s / spec["flat_queries_per_s"],
                        "recall_at_100": recall(positions[: len(truth)], truth, TOP_K), "search_s": search_s, "stage": search_monitor.result.__dict__})
     search_s = points[0]["search_s"]
@@ -809,14 +818,20 @@ def run_index_only(arguments, workdir: Path, spill: Path) -> dict[str, Any]:
         "vectors": count,
         "dimension": dimension,
         "factory": plan.factory,
+        "rescoring_code": plan.rescoring_code,
+        "memory_budget_bytes": index_building.parse_bytes(arguments.index_memory_budget),
         "nprobe": plan.nprobe,
         "shards": len(shards),
         "build": build.__dict__,
         "search_stage": points[0]["stage"],
         "build_s": build.wall_s,
         "disk_bytes_per_vector": version_bytes(root, folder, shards) / count,
+        "disk_index_bytes_per_vector": sum(int(shard["bytes"]) for shard in shards) / count,
+        "disk_rescoring_bytes_per_vector": sum(int(shard["vectors_bytes"]) for shard in shards) / count,
         "embedding_store_bytes_per_vector": folder_bytes(store.url) / count,
         "ram_bytes_per_vector": ram_bytes / count,
+        "ram_index_bytes_per_vector": (ram_bytes - rescoring_ram) / count,
+        "ram_rescoring_bytes_per_vector": rescoring_ram / count,
         "rss_growth_bytes_per_vector": rss_growth / count,
         "queries": len(queries),
         "search_s": search_s,
@@ -828,19 +843,22 @@ def run_index_only(arguments, workdir: Path, spill: Path) -> dict[str, Any]:
         "speedup_vs_flat": queries_per_s / spec["flat_queries_per_s"],
         "generate_s": spec["generate_s"],
     }
-    print(f"  index only: build {build.wall_s:.0f} s, {result['ram_bytes_per_vector']:.0f} B/vector in RAM, {queries_per_s:,.0f} queries/s "
+    print(f"  index only: build {build.wall_s:.0f} s, {result['ram_bytes_per_vector']:.0f} B/vector in RAM ({result['ram_index_bytes_per_vector']:.0f} index + "
+          f"{result['ram_rescoring_bytes_per_vector']:.0f} {plan.rescoring_code} re-scoring), {queries_per_s:,.0f} queries/s "
           f"({result['speedup_vs_flat']:.1f}x flat), recall@100 {result['recall_at_100']:.3f}", flush=True)
     if not arguments.keep:
         clear_index(root)
     return result
 
 
-def search_shard_by_shard(root: str, version_id: str, shards: list[dict], queries: np.ndarray, nprobe: int, threads: int) -> tuple[np.ndarray, float, int, int]:
+def search_shard_by_shard(root: str, version_id: str, shards: list[dict], queries: np.ndarray, nprobe: int, threads: int) -> tuple[np.ndarray, float, int, int, int]:
     """Every query through one shard in memory at a time, candidates merged across shards (``nprobe`` 0: the version's).
 
-    Returns (positions, search seconds, RAM bytes of index plus re-scoring vectors, RSS growth on loading)."""
+    Returns (positions, search seconds, RAM bytes of index plus re-scoring data, RSS growth on loading, RAM bytes of
+    the re-scoring data alone: float16 vectors or sq8 / sq6 codes, plus their quantizer)."""
     import psutil
 
+    from pipelines import index_store
     from pipelines.shard_search import (
         SearchConfig,
         ShardSearcher,
@@ -851,7 +869,7 @@ def search_shard_by_shard(root: str, version_id: str, shards: list[dict], querie
     config = SearchConfig(top_k=TOP_K, nprobe=nprobe)
     positions, scores = empty_candidates(len(queries), TOP_K)
     search_s = 0.0
-    ram_bytes = rss_growth = 0
+    ram_bytes = rss_growth = rescoring_ram = 0
     process = psutil.Process()
     for shard in range(len(shards)):
         gc.collect()
@@ -859,7 +877,10 @@ def search_shard_by_shard(root: str, version_id: str, shards: list[dict], querie
         searcher = ShardSearcher(root, version_id, shard, config, threads=threads)
         rss_growth += process.memory_info().rss - before
         vectors = getattr(searcher.shard, "vectors", None)
-        ram_bytes += int(shards[shard]["bytes"]) + (int(vectors.nbytes) if vectors is not None else 0)
+        codec = getattr(searcher.shard, "codec", None)  # sq8 / sq6 codes: the trained quantizer that decodes them (a few kB)
+        rescoring = (int(vectors.nbytes) if vectors is not None else 0) + (len(index_store.serialize_index(codec)) if codec is not None else 0)
+        ram_bytes += int(shards[shard]["bytes"]) + rescoring
+        rescoring_ram += rescoring
         for start in range(0, len(queries), config.queries_per_batch):
             batch = queries[start : start + config.queries_per_batch]
             started = time.perf_counter()
@@ -867,8 +888,8 @@ def search_shard_by_shard(root: str, version_id: str, shards: list[dict], querie
             merged = merge_top_k(positions[start : start + len(batch)], scores[start : start + len(batch)], new_positions, new_scores, TOP_K)
             search_s += time.perf_counter() - started
             positions[start : start + len(batch)], scores[start : start + len(batch)] = merged
-        del searcher, vectors
-    return positions, search_s, ram_bytes, rss_growth
+        del searcher, vectors, codec
+    return positions, search_s, ram_bytes, rss_growth, rescoring_ram
 
 
 GENERATED = ("embeddings", "spec.json", "truth.npy")  # what generate_vectors caches under the index root
@@ -923,6 +944,8 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--index-only", action="store_true", help="only the index-only run")
     parser.add_argument("--index-queries", type=int, default=10_000, help="queries searched in the index-only run")
     parser.add_argument("--recall-queries", type=int, default=1_000, help="of them, queries with exact ground truth (recall@100)")
+    parser.add_argument("--index-memory-budget", default="", help="index-only run: the build's --faiss.memory-budget for the index plus its re-scoring data "
+                        "(default: 400 B x --vectors, issue 14's goal of at most 400 B/vector in RAM; 0 = no limit: float16 re-scoring)")
     parser.add_argument("--nprobes", default="", help="index-only run: more nprobe values to search at besides the rule's, e.g. 64,96")
     parser.add_argument("--clusters", type=int, default=2_000, help="gaussian clusters of the synthetic vectors")
     parser.add_argument("--seed", type=int, default=0)
@@ -941,6 +964,7 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
         arguments.max_length = 256 if arguments.model == "bundled" else 0
     arguments.sparse = arguments.sparse == "on"
     arguments.nprobes = [int(value) for value in arguments.nprobes.split(",") if value.strip()]
+    arguments.index_memory_budget = arguments.index_memory_budget or str(INDEX_BYTES_PER_VECTOR_GOAL * arguments.vectors)
     arguments.batch_size = arguments.batch_size or pipeline_batch_size(arguments.device)
     arguments.cpus = arguments.cpus or physical_cores()
     if any(size < 10 for size in arguments.sizes) or arguments.queries < 1:
@@ -1051,8 +1075,10 @@ def main(argv: list[str] | None = None) -> dict:
                                    title=f"scaling exponents between {runs[0]['docs']:,} and {runs[-1]['docs']:,} documents (query stages: same queries, larger index)"))
     if index_only:
         tables.append(format_table([index_only], [
-            ("vectors", "vectors", ",d"), ("factory", "index", ""), ("shards", "shards", "d"), ("build_s", "build s", ".0f"),
-            ("disk_bytes_per_vector", "disk B/vec", ".0f"), ("ram_bytes_per_vector", "RAM B/vec (index + re-scoring)", ".0f"),
+            ("vectors", "vectors", ",d"), ("factory", "index", ""), ("rescoring_code", "re-scoring", ""), ("shards", "shards", "d"), ("build_s", "build s", ".0f"),
+            ("disk_bytes_per_vector", "disk B/vec", ".0f"), ("disk_index_bytes_per_vector", "disk index", ".0f"), ("disk_rescoring_bytes_per_vector", "disk re-scoring", ".0f"),
+            ("ram_bytes_per_vector", "RAM B/vec (index + re-scoring)", ".0f"), ("ram_index_bytes_per_vector", "RAM index", ".0f"),
+            ("ram_rescoring_bytes_per_vector", "RAM re-scoring", ".0f"),
             ("queries_per_s", "queries/s", ",.0f"), ("speedup_vs_flat", "x flat", ".1f"), ("recall_at_100", "recall@100", ".3f"),
         ], title=f"index only: {arguments.vectors:,} synthetic {index_only['dimension']}-d vectors; build driver peak RSS "
                  f"{index_only['build']['driver_peak_rss_bytes'] / GIB:.2f} GiB, largest worker {index_only['build']['worker_peak_rss_bytes'] / GIB:.2f} GiB"))
