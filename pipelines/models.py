@@ -69,8 +69,31 @@ def load_sentence_transformer(reference: str, device: str = "auto", max_seq_leng
 
     model = SentenceTransformer(resolve_model_reference(reference), device=choose_device(device))
     if max_seq_length:
-        model.max_seq_length = max_seq_length
+        model.max_seq_length = clamp_length(max_seq_length, position_limit(model[0].auto_model.config), reference, "--embedding.max-seq-length")
     return model
+
+
+def position_limit(model_config) -> int | None:
+    """The longest input, in tokens, a transformer's position embeddings allow (None when its config does not say).
+
+    RoBERTa-style models offset positions by the padding id + 1 (514 positions, 512 tokens)."""
+    positions = getattr(model_config, "max_position_embeddings", None)
+    if not isinstance(positions, int) or positions <= 0:
+        return None
+    if getattr(model_config, "model_type", "") in ROBERTA_STYLE_POSITIONS:
+        positions -= int(getattr(model_config, "pad_token_id", 1) or 0) + 1
+    return positions
+
+
+ROBERTA_STYLE_POSITIONS = ("roberta", "xlm-roberta", "camembert", "longformer", "mpnet")
+
+
+def clamp_length(requested: int, limit: int | None, reference: str, setting: str) -> int:
+    """``requested`` tokens, lowered to the model's position limit with a one-line notice (a longer input crashes the model)."""
+    if limit is not None and requested > limit:
+        print(f"{setting} {requested}: {reference} has {limit} positions; using {limit}", flush=True)
+        return limit
+    return requested
 
 
 def inference_context(precision: str, device: str):

@@ -12,6 +12,7 @@ differences and distorts per-query standardization in fusion.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
@@ -22,7 +23,9 @@ import pyarrow as pa
 from pipelines.models import (
     check_model_reference,
     choose_device,
+    clamp_length,
     inference_context,
+    position_limit,
     resolve_model_reference,
     resolve_precision,
 )
@@ -136,6 +139,11 @@ class CrossEncoderScorer:
         self.device = choose_device(device)
         quantized = "" if self.device.startswith("cuda") else quantized_reranker_url(config.model)
         self.precision = resolve_precision(config.precision, self.device, int8=bool(quantized))
+        if config.max_length:
+            from transformers import AutoConfig
+
+            limit = position_limit(AutoConfig.from_pretrained(resolve_model_reference(config.model)))
+            config = dataclasses.replace(config, max_length=clamp_length(config.max_length, limit, config.model, "--rerank.max-length"))
         self.config = config
         self.texts = texts
         if self.precision == "int8":

@@ -172,3 +172,29 @@ def test_default_index_build_embeds_and_searches_with_int8(ray_session, tiny_bi_
     run = read_run(str(output)).to_pylist()
     first = {row["query_id"]: row["doc_id"] for row in run if row["rank"] == 1}
     assert sum(first[f"q-{d['_id']}"] == d["_id"] for d in documents[:20]) >= 19
+
+
+def test_a_length_past_the_models_positions_is_clamped_for_calibration_and_inference(tiny_bi_encoder, tmp_path, capsys):
+    """The tiny model has 128 positions: asking for 512 tokens uses 128 (with a notice) instead of crashing OpenVINO's shape inference."""
+    from pipelines.models import load_sentence_transformer
+
+    model = load_sentence_transformer(tiny_bi_encoder, "cpu", 512)
+    assert model.max_seq_length == 128
+    assert "--embedding.max-seq-length 512" in capsys.readouterr().out
+    long_texts = [" ".join([text] * 20) for text in TEXTS[:12]]  # well past 128 tokens
+    folder = str(tmp_path / "model")
+    quantization.quantize_model(model, "bi-encoder", long_texts, int(model.max_seq_length), folder, tiny_bi_encoder)
+    vectors = quantization.QuantizedTextEncoder(folder).encode(long_texts[:3])
+    assert vectors.shape == (3, model.get_sentence_embedding_dimension()) and np.isfinite(vectors).all()
+    assert load_sentence_transformer(tiny_bi_encoder, "cpu", 64).max_seq_length == 64
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_a_rerank_length_past_the_models_positions_is_clamped(tiny_cross_encoder, quantized_cross_encoder, monkeypatch, precision, capsys):
+    from pipelines import reranking
+
+    monkeypatch.setattr(reranking, "quantized_reranker_url", lambda model: quantized_cross_encoder if precision == "int8" else "")
+    scorer = reranking.CrossEncoderScorer(reranking.RerankConfig(model=tiny_cross_encoder, precision=precision, max_length=512), texts=None, device="cpu")
+    assert scorer.config.max_length == 128 and "--rerank.max-length 512" in capsys.readouterr().out
+    long_pairs = [(query, " ".join([text] * 20)) for query, text in PAIRS[:4]]
+    assert np.isfinite(scorer.score_pairs(long_pairs)).all()
