@@ -26,8 +26,19 @@ def filesystem_and_path(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     Listings are never cached: other processes (Ray workers, the next run) add files to the folders
     we list, and a cached listing would hide them (object stores' filesystems cache by default).
     """
-    filesystem, path = fsspec.core.url_to_fs(str(url), use_listings_cache=False)
+    try:
+        filesystem, path = fsspec.core.url_to_fs(str(url), use_listings_cache=False)
+    except ImportError as error:
+        protocol = str(url).split("://", 1)[0] if "://" in str(url) else ""
+        if protocol in OPTIONAL_FILESYSTEMS:
+            package, extra = OPTIONAL_FILESYSTEMS[protocol]
+            raise ImportError(f"{url}: {protocol}:// needs {package}, not installed; pip install 'retrieval-pipelines[{extra}]'") from None
+        raise
     return filesystem, path
+
+
+OPTIONAL_FILESYSTEMS = {"gs": ("gcsfs", "gcs"), "gcs": ("gcsfs", "gcs"), "az": ("adlfs", "azure"), "abfs": ("adlfs", "azure"), "abfss": ("adlfs", "azure")}
+"""URL protocols whose fsspec filesystem is an optional extra of this package: (package, extra)."""
 
 
 def join_url(base: str, *parts: str) -> str:

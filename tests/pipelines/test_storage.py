@@ -59,3 +59,19 @@ def test_the_best_model_record_names_a_whole_model(tmp_path):
     record = json.loads((folder / "best.json").read_text())
     assert (folder / record["folder"] / "weights").read_text() == "step-40"
     assert sorted(os.listdir(folder)) == ["best.json", "model-40"]
+
+
+def test_a_gs_url_without_gcsfs_names_the_extra(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_gcsfs(name, *args, **kwargs):
+        if name == "gcsfs" or name.startswith("gcsfs."):
+            raise ImportError("No module named 'gcsfs'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_gcsfs)
+    monkeypatch.delitem(__import__("sys").modules, "gcsfs", raising=False)
+    with pytest.raises(ImportError, match=r"gs://bucket/index: gs:// needs gcsfs, not installed; pip install 'retrieval-pipelines\[gcs\]'"):
+        storage.filesystem_and_path("gs://bucket/index")
