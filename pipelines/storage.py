@@ -28,7 +28,7 @@ def filesystem_and_path(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """
     try:
         filesystem, path = fsspec.core.url_to_fs(str(url), use_listings_cache=False)
-    except ImportError as error:
+    except ImportError:
         protocol = str(url).split("://", 1)[0] if "://" in str(url) else ""
         if protocol in OPTIONAL_FILESYSTEMS:
             package, extra = OPTIONAL_FILESYSTEMS[protocol]
