@@ -26,10 +26,10 @@ def expected_errors() -> tuple[type[BaseException], ...]:
     from pipelines.evaluation import EvaluationError
     from pipelines.index_building import MemoryBudgetError
     from pipelines.index_store import IndexValidationError
-    from pipelines.models import ModelNotFoundError
+    from pipelines.models import DeviceUnavailableError, ModelNotFoundError
     from pipelines.retrieval import OutputMismatchError
 
-    return (CorpusError, IndexValidationError, ModelNotFoundError, OutputMismatchError, EvaluationError, MemoryBudgetError)
+    return (CorpusError, IndexValidationError, ModelNotFoundError, OutputMismatchError, EvaluationError, MemoryBudgetError, DeviceUnavailableError)
 
 
 def run_job(main: Callable[[list[str]], Any], argv: list[str] | None = None) -> int:

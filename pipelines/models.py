@@ -30,6 +30,10 @@ class ModelNotFoundError(FileNotFoundError):
     """A model setting names a local path that does not exist, or a hub model that cannot be had offline."""
 
 
+class DeviceUnavailableError(RuntimeError):
+    """A device setting asks for a GPU that this process does not see."""
+
+
 def looks_like_path(reference: str) -> bool:
     """True for references that can only be local paths (a hub id is ``name`` or ``owner/name``)."""
     return reference.startswith(("/", "./", "../", "~", "file:")) or reference.count("/") > 1 or os.sep != "/" and os.sep in reference
@@ -58,6 +62,12 @@ def choose_device(requested: str = "auto") -> str:
     """``cuda`` when a GPU is visible to this process (and ``auto`` was asked), else what was asked."""
     import torch
 
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        raise DeviceUnavailableError(
+            f"device {requested}: no GPU is visible to this process (CUDA_VISIBLE_DEVICES={visible!r}, torch {torch.__version__}); "
+            "on a Ray cluster, submit the job with --entrypoint-num-gpus 1 (the driver trains), or use device auto or cpu"
+        )
     if requested != "auto":
         return requested
     return "cuda" if torch.cuda.is_available() else "cpu"

@@ -142,7 +142,7 @@ def cache_key(values: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def build_cross_encoder(base_model: str, max_length: int, dropout: float | None = None):
+def build_cross_encoder(base_model: str, max_length: int, dropout: float | None = None, device: str = "auto"):
     """A CrossEncoder with one output from ``base_model`` (a bi-encoder gets a fresh head).
 
     ``dropout`` (when given) replaces the probability of every dropout layer, whatever the architecture
@@ -150,20 +150,14 @@ def build_cross_encoder(base_model: str, max_length: int, dropout: float | None 
     import torch
     from sentence_transformers import CrossEncoder
 
-    from pipelines.models import resolve_model_reference
+    from pipelines.models import choose_device, resolve_model_reference
 
-    model = CrossEncoder(resolve_model_reference(base_model), num_labels=1, max_length=max_length, device="cpu" if not _cuda() else "cuda")
+    model = CrossEncoder(resolve_model_reference(base_model), num_labels=1, max_length=max_length, device=choose_device(device))
     if dropout is not None:
         for module in model.modules():
             if isinstance(module, torch.nn.Dropout):
                 module.p = dropout
     return model
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def candidate_pairs(queries: dict[str, str], candidates: dict[str, list[str]], texts: dict[str, str], depth: int) -> tuple[list[tuple[str, str]], list[str]]:
@@ -540,6 +534,8 @@ class TrainRerankerConfig:
     int8: bool = field(default=True, metadata={"help": "also write an int8 (OpenVINO) export for CPU serving, kept only if dev quality holds"})
     int8_tolerance: float = field(default=0.005, metadata={"help": "largest dev fused nDCG@10 loss the int8 export may have"})
     calibration_pairs: int = field(default=300, metadata={"help": "training (query, candidate) pairs the int8 export is calibrated on"})
+    device: str = field(default="auto", metadata={"help": "where the driver trains: auto (a GPU when this process sees one), cuda or cpu; on a Ray "
+                                                            "cluster submit with --entrypoint-num-gpus 1 for a GPU"})
     training: TrainingConfig = field(default_factory=TrainingConfig)
 
     def validate(self) -> None:
@@ -552,6 +548,8 @@ class TrainRerankerConfig:
         for name in ("queries", "qrels"):
             storage.require_input(getattr(self, name), name)
         require_at_least(self, {"fusion_depth": 1, "calibration_pairs": 1, "int8_tolerance": 0.0})
+        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
+            raise ValueError(f"--device {self.device}: choose auto, cuda (or cuda:N) or cpu")
         if self.search_mode not in ("auto", "dense", "sparse", "hybrid"):
             raise ValueError(f"--search-mode {self.search_mode}: choose auto, dense, sparse or hybrid")
 
@@ -642,9 +640,10 @@ def _plan_from_probe(model, lists_for_probe, queries, texts, training: TrainingC
 
 def train_reranker(config: TrainRerankerConfig) -> dict[str, Any]:
     """Mine, plan, train, select, fit fusion and decide how to serve; returns the training report (also saved as JSON)."""
-    from pipelines.models import check_model_reference
+    from pipelines.models import check_model_reference, choose_device
 
     check_model_reference(config.training.base_model, "--training.base-model")
+    device = choose_device(config.device)  # a GPU asked for and not there fails here, before any mining
     from pipelines import index_store, storage
     from pipelines.document_texts import texts_by_id
     from pipelines.documents import CorpusConfig
@@ -690,7 +689,7 @@ def train_reranker(config: TrainRerankerConfig) -> dict[str, Any]:
 
         # 3. Plan the budget on this machine (kept for a resume), sample the lists, train.
         precision = training_precision(training.precision)
-        model = build_cross_encoder(training.base_model, training.max_length, training.dropout)
+        model = build_cross_encoder(training.base_model, training.max_length, training.dropout, device)
         per_list = 1 + training.mining.hard_negatives + training.mining.random_negatives
 
         def make_plan() -> TrainingPlan:

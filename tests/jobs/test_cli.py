@@ -101,6 +101,20 @@ def test_a_missing_reranker_fails_before_any_ray_work(inputs, monkeypatch):
         read_serving_card(str(inputs / "no-such-model"))
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a GPU is visible here")
+def test_training_on_a_gpu_that_is_not_there_fails_at_once_in_one_line(inputs, tiny_cross_encoder):
+    qrels = inputs / "judged.tsv"
+    qrels.write_text("query-id\tcorpus-id\tscore\nq1\td1\t1\n")
+    flags = ["--index", str(inputs / "no-index"), "--queries", str(inputs / "queries.jsonl"), "--qrels", str(qrels), "--output", str(inputs / "trained"),
+             "--training.base-model", tiny_cross_encoder, "--device", "cuda"]
+    status, stderr, _, _ = run_cli("train_reranker", *flags)
+    assert status == 1 and len(stderr.splitlines()) == 1, stderr
+    assert stderr.startswith("error: device cuda: no GPU is visible to this process") and "--entrypoint-num-gpus 1" in stderr
+    assert not (inputs / "trained").exists()  # nothing mined or written
+    status, stderr, _, _ = run_cli("train_reranker", *flags[:-1], "tpu")
+    assert status == 2 and "--device tpu: choose auto, cuda (or cuda:N) or cpu" in stderr
+
+
 def test_help_keeps_the_examples_on_their_own_lines_and_shows_each_default_once():
     from jobs.build_index import __doc__ as description
     from pipelines.config import build_argument_parser
