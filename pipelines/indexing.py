@@ -7,6 +7,10 @@ Stages, in order (each in its own module):
    shards) and document_store (the texts by position, for reranking), unchanged files reused;
 4. index_store: write doc ids, quarantine, summary, then the manifest last, then move CURRENT.
 
+The whole job runs under the index root's writer lease (pipelines.index_lease): a second writer waits up to
+--lock-timeout, then fails naming the holder. CURRENT moves only if it still names the version the job started
+from (compare-and-set); a build superseded meanwhile stays finished but unpublished ("superseded_by").
+
 A rerun after a crash at any point repeats no finished work: stored embeddings, the trained index
 and finished shards are found and reused, and the version id is derived from the inputs, so the
 rerun resumes the same version.
@@ -24,7 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 import pipelines
-from pipelines import index_store, storage
+from pipelines import index_lease, index_store, storage
 from pipelines.config import config_to_dict
 from pipelines.document_store import STORE_FORMAT as DOCUMENT_STORE_FORMAT
 from pipelines.document_store import build_document_store
@@ -68,6 +72,8 @@ class BuildIndexConfig:
     corpus: str = field(default="", metadata={"help": "documents: Parquet or JSON-lines file, folder or glob (any fsspec URL)"})
     index: str = field(default="", metadata={"help": "index root URL (versions, embeddings and CURRENT live here)"})
     publish: bool = field(default=True, metadata={"help": "point CURRENT at the new version"})
+    lock_timeout: float = field(default=index_lease.DEFAULT_TIMEOUT_S, metadata={
+        "help": "seconds to wait for another writer's lease on --index before failing (0: fail at once)"})
     documents: CorpusConfig = field(default_factory=CorpusConfig)
     embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
     faiss: IndexConfig = field(default_factory=IndexConfig)
@@ -80,6 +86,8 @@ class BuildIndexConfig:
         if not self.index:
             raise ValueError("--index is required")
         storage.require_input(self.corpus, "corpus")
+        if self.lock_timeout < 0:
+            raise ValueError(f"--lock-timeout {self.lock_timeout}: must be 0 or more seconds")
 
 
 def _rows_to_embed(batch: pa.Table, order_keys, columns: tuple[str, ...] = ("id", "text_hash", "content")) -> pa.Table:
@@ -117,10 +125,24 @@ def git_commit() -> str:
 def build_index(config: BuildIndexConfig) -> dict[str, Any]:
     """Run the whole indexing job; returns the summary (also written as summary.json)."""
     check_model_reference(config.embedding.model, "--embedding.model")
-    with worker_visible(config.corpus) as corpus_url, worker_visible(config.index, copy_back=True) as index_url:
-        summary = _build_index(config, corpus_url, index_url)
+    # The lease is taken on the index as named (a memory:// root is mirrored to a local folder below) and held
+    # until the mirror is copied back; released on success and failure, and a killed job's lease expires.
+    with (index_lease.writer_lease(config.index, owner="jobs.build_index", timeout_s=config.lock_timeout) as lease,
+          worker_visible(config.corpus) as corpus_url, worker_visible(config.index, copy_back=True) as index_url):
+        summary = _build_index(config, corpus_url, index_url, lease)
     summary["index"] = config.index
     return summary
+
+
+def publish_version(index_url: str, started_from: str | None, version_id: str, lease: index_lease.WriterLease) -> dict[str, Any]:
+    """Move CURRENT to ``version_id`` if it still names ``started_from`` (compare-and-set, under the lease);
+    the summary's ``published`` (and ``superseded_by`` when another version was published meanwhile)."""
+    if index_lease.compare_and_publish(index_url, started_from, version_id, lease=lease):
+        return {"published": True}
+    current = index_lease.read_current(index_url)
+    print(f"version {version_id} is finished but NOT published: CURRENT moved from {started_from or '(none)'} to {current} "
+          f"during this build (superseded by {current}); CURRENT is left unchanged", flush=True)
+    return {"published": False, "superseded_by": current}
 
 
 @dataclass
@@ -166,8 +188,9 @@ def embed_missing(corpus: ValidatedCorpus, documents: pa.Table, config: BuildInd
     return run
 
 
-def _build_index(config: BuildIndexConfig, corpus_url: str, index_url: str) -> dict[str, Any]:
+def _build_index(config: BuildIndexConfig, corpus_url: str, index_url: str, lease: index_lease.WriterLease) -> dict[str, Any]:
     started = time.perf_counter()
+    started_from = index_lease.read_current(index_url)  # CURRENT when the job started: publishing is a compare-and-set
     ensure_ray()
 
     # 1. Read and validate (documents).
@@ -194,11 +217,11 @@ def _build_index(config: BuildIndexConfig, corpus_url: str, index_url: str) -> d
     folder = index_store.version_url(index_url, version_id)
     if storage.exists(storage.join_url(folder, "manifest.json")):
         print(f"version {version_id} is already complete; nothing to rebuild")
-        if config.publish:
-            index_store.publish(index_url, version_id)
+        published = publish_version(index_url, started_from, version_id, lease) if config.publish else {"published": False}
         # summary.json describes the run that built the version; the rerun reports its own work.
         built = storage.read_json(storage.join_url(folder, "summary.json"))
-        return {**built, **embedding.summary(), "read_seconds": round(read_seconds, 2), "index_seconds": 0.0, "wall_seconds": round(time.perf_counter() - started, 2)}
+        return {**built, **embedding.summary(), "read_seconds": round(read_seconds, 2), "index_seconds": 0.0, "wall_seconds": round(time.perf_counter() - started, 2),
+                **published}
     print(f"building version {version_id}: {plan.factory}, {plan.shards} shard(s), nprobe {plan.nprobe}")
 
     # 4. Quarantine (rewritten whole on a rerun) and shards (finished ones reused).
@@ -255,7 +278,9 @@ def _build_index(config: BuildIndexConfig, corpus_url: str, index_url: str) -> d
         sparse=sparse,
         documents_store=documents_store,
     )
-    manifest.write_version(index_url, documents, summary, publish_now=config.publish)
+    lease.check()  # a job that lost its lease (paused past its TTL) writes no manifest: another writer may own the folder
+    manifest.write_version(index_url, documents, summary, publish_now=False)
+    summary.update(publish_version(index_url, started_from, version_id, lease) if config.publish else {"published": False})
     return summary
 
 
