@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 import pipelines
-from pipelines import index_lease, index_store, storage
+from pipelines import index_lease, index_store, storage, versions
 from pipelines.config import config_to_dict
 from pipelines.document_store import STORE_FORMAT as DOCUMENT_STORE_FORMAT
 from pipelines.document_store import build_document_store
@@ -79,12 +79,20 @@ class BuildIndexConfig:
     faiss: IndexConfig = field(default_factory=IndexConfig)
     sparse: bool = field(default=True, metadata={"help": "also build a BM25 index (bm25s) over the same documents and shards: --sparse on|off"})
     bm25: Bm25Config = field(default_factory=Bm25Config)
+    keep: int = field(default=0, metadata={"help": "after publishing, prune to the newest N finished versions (jobs.versions prune's rules: CURRENT, "
+                                                   "pinned and recently superseded versions stay); 0 = keep everything"})
+    keep_grace: str = field(default="1d", metadata={"help": "with --keep: the grace period of the prune (jobs.versions prune --grace)"})
 
     def validate(self) -> None:
         if not self.corpus:
             raise ValueError("--corpus is required")
         if not self.index:
             raise ValueError("--index is required")
+        if self.keep < 0:
+            raise ValueError(f"--keep {self.keep}: must be 0 (keep everything) or more")
+        from pipelines.versions import parse_duration
+
+        parse_duration(self.keep_grace)
         storage.require_input(self.corpus, "corpus")
         if self.lock_timeout < 0:
             raise ValueError(f"--lock-timeout {self.lock_timeout}: must be 0 or more seconds")
@@ -131,13 +139,24 @@ def build_index(config: BuildIndexConfig) -> dict[str, Any]:
           worker_visible(config.corpus) as corpus_url, worker_visible(config.index, copy_back=True) as index_url):
         summary = _build_index(config, corpus_url, index_url, lease)
     summary["index"] = config.index
+    if config.keep:
+        summary["pruned"] = prune_after_build(config)
     return summary
+
+
+def prune_after_build(config: BuildIndexConfig) -> dict[str, Any]:
+    """``--keep N``: jobs.versions prune on the root itself (a process-local root is copied back by now), under the lease."""
+    with versions.writer_lease(config.index, "jobs.build_index --keep"):
+        plan = versions.prune(config.index, config.keep, grace=config.keep_grace)
+    print(versions.prune_table(plan), flush=True)
+    return {"versions": [row["version_id"] for row in plan.versions], "unfinished": len(plan.unfinished), "shared": len(plan.shared), "bytes_freed": plan.bytes_freed}
 
 
 def publish_version(index_url: str, started_from: str | None, version_id: str, lease: index_lease.WriterLease) -> dict[str, Any]:
     """Move CURRENT to ``version_id`` if it still names ``started_from`` (compare-and-set, under the lease);
     the summary's ``published`` (and ``superseded_by`` when another version was published meanwhile)."""
     if index_lease.compare_and_publish(index_url, started_from, version_id, lease=lease):
+        versions.record_publish(index_url, version_id, started_from, reason="build")  # history/: when CURRENT moved (prune's grace period)
         return {"published": True}
     current = index_lease.read_current(index_url)
     print(f"version {version_id} is finished but NOT published: CURRENT moved from {started_from or '(none)'} to {current} "
