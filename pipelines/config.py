@@ -179,6 +179,12 @@ def parse_config(config_class: type[ConfigT], argv: list[str] | None, descriptio
             target = target.setdefault(part, {})
         target[parts[-1]] = value
     _apply(config, overrides, "command line")
+    storage_config = getattr(config, "storage", None)
+    if storage_config is not None:  # before the rest: validating inputs opens their filesystems
+        from pipelines import storage
+
+        validate_config(storage_config, "storage.")
+        storage.configure(storage_config.parsed())
     validate_config(config)
     return config
 
@@ -215,8 +221,18 @@ def require_at_least(config: Any, minimums: dict[str, float]) -> None:
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:
-    """The configuration as plain nested dicts (for printing, manifests and cache keys)."""
-    return dataclasses.asdict(config)
+    """The configuration as plain nested dicts (for printing, manifests and cache keys), storage secrets hidden.
+
+    ``storage.options`` appears parsed, each secret-looking value (key, secret, token, ...) as ``***``."""
+    from pipelines import storage
+
+    values = dataclasses.asdict(config)
+    for holder in (values, *(value for value in values.values() if isinstance(value, dict))):
+        if isinstance(holder.get("storage"), dict) and "options" in holder["storage"]:
+            holder["storage"] = {**holder["storage"], "options": storage.redacted(storage.parse_options(holder["storage"]["options"]))}
+    if set(values) == {"options"} and isinstance(config, storage.StorageConfig):
+        values["options"] = storage.redacted(storage.parse_options(values["options"]))
+    return values
 
 
 def format_config(config: Any) -> str:

@@ -45,6 +45,7 @@ import pyarrow.parquet as pq
 from pipelines import storage
 from pipelines.config import config_to_dict
 from pipelines.runtime import format_table
+from pipelines.storage import StorageConfig
 
 STAGES = ("dense", "sparse", "first_stage", "reranked", "fused")
 STAGE_RANK_COLUMNS = {"dense": "dense_rank", "sparse": "sparse_rank"}
@@ -575,6 +576,7 @@ class EvaluateConfig:
     run: list[str] = field(default_factory=list, metadata={"help": "run: Parquet file or folder of part-*.parquet (any fsspec URL); repeat or comma-separate for several"})
     depths: list[int] = field(default_factory=list, metadata={"help": "rerank depths to sweep, e.g. 10,20,30,50 (empty: no sweep)"})
     output: str = field(default="", metadata={"help": "write the results as JSON to this URL (empty: print only)"})
+    storage: StorageConfig = field(default_factory=StorageConfig)
 
     def validate(self) -> None:
         if not self.qrels:

@@ -42,6 +42,7 @@ from pipelines.runtime import ensure_ray, format_table, resolve_broadcast, worke
 from pipelines.hybrid_fusion import candidate_width, resolve_search_mode
 from pipelines.fan_out_search import FanOutSearch, ShardPoolPlan, plan_shard_pool, resident_bytes, start_shard_pool
 from pipelines.shard_search import QueryEncoder, SearchConfig, quantized_encoder_url, query_embedding_config
+from pipelines.storage import StorageConfig
 
 
 def _query_log_defaults() -> CorpusConfig:
@@ -64,6 +65,7 @@ class RetrieveRerankConfig:
     search: SearchConfig = field(default_factory=SearchConfig)
     rerank: RerankConfig = field(default_factory=RerankConfig)
     query_log: CorpusConfig = field(default_factory=_query_log_defaults)
+    storage: StorageConfig = field(default_factory=StorageConfig)
 
     def validate(self) -> None:
         for name in ("index", "queries", "output"):

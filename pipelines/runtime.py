@@ -19,7 +19,9 @@ def ensure_ray(num_cpus: int | None = None) -> None:
 
     if ray.is_initialized():
         return
-    ray.init(num_cpus=num_cpus, ignore_reinit_error=True, log_to_driver=True, configure_logging=False)
+    options = os.environ.get(storage.OPTIONS_VARIABLE)
+    runtime_env = {"env_vars": {storage.OPTIONS_VARIABLE: options}} if options else None  # --storage.options on every worker of the job
+    ray.init(num_cpus=num_cpus, ignore_reinit_error=True, log_to_driver=True, configure_logging=False, runtime_env=runtime_env)
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = True

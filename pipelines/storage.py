@@ -13,6 +13,7 @@ import io
 import json
 import os
 import uuid
+from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
@@ -27,7 +28,7 @@ def filesystem_and_path(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     we list, and a cached listing would hide them (object stores' filesystems cache by default).
     """
     try:
-        filesystem, path = fsspec.core.url_to_fs(str(url), use_listings_cache=False)
+        filesystem, path = fsspec.core.url_to_fs(str(url), use_listings_cache=False, **filesystem_options(str(url)))
     except ImportError:
         protocol = str(url).split("://", 1)[0] if "://" in str(url) else ""
         if protocol in OPTIONAL_FILESYSTEMS:
@@ -35,6 +36,90 @@ def filesystem_and_path(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
             raise ImportError(f"{url}: {protocol}:// needs {package}, not installed; pip install 'retrieval-pipelines[{extra}]'") from None
         raise
     return filesystem, path
+
+
+OPTIONS_VARIABLE = "PIPELINES_STORAGE_OPTIONS"  # JSON {protocol: {option: value}}: how --storage.options reaches Ray workers
+SECRET_OPTION_WORDS = ("secret", "key", "token", "password", "credential", "signature", "sas")
+
+
+@dataclass
+class StorageConfig:
+    """Filesystem settings for every URL a job opens (fsspec keyword arguments per protocol), on the driver and on Ray workers."""
+
+    options: str = field(default="", metadata={"help": "YAML or JSON (or a file of it): per URL protocol, fsspec options, e.g. "
+                                                        "'{s3: {endpoint_url: http://127.0.0.1:9000, profile: dev}}' or '{gs: {token: anon}}'; "
+                                                        "secrets are never printed (prefer the environment or the nodes' credentials)"})
+
+    def validate(self) -> None:
+        parse_options(self.options)
+
+    def parsed(self) -> dict[str, dict[str, Any]]:
+        return parse_options(self.options)
+
+
+def parse_options(text: str) -> dict[str, dict[str, Any]]:
+    """``--storage.options`` as {protocol: {option: value}}: inline YAML/JSON, or the path of a file holding it."""
+    import yaml
+
+    if not text.strip():
+        return {}
+    source = "--storage.options"
+    if "{" not in text and ":" not in text.split("://", 1)[-1]:
+        source = text
+        if not os.path.exists(text):
+            raise ValueError(f"--storage.options {text}: neither YAML/JSON nor a file")
+        with open(text) as handle:
+            text = handle.read()
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ValueError(f"{source}: not YAML or JSON ({str(error).splitlines()[0]})") from None
+    if not isinstance(value, dict) or not all(isinstance(options, dict) for options in value.values()):
+        raise ValueError(f"{source}: expected a mapping of URL protocol to options, e.g. {{s3: {{endpoint_url: ...}}}}")
+    return {str(protocol): dict(options) for protocol, options in value.items()}
+
+
+_options: dict[str, dict[str, Any]] | None = None
+
+
+def configure(options: dict[str, dict[str, Any]]) -> None:
+    """Use ``options`` for every filesystem this process opens, and in the processes it starts (an environment
+    variable, which :func:`pipelines.runtime.ensure_ray` also hands to Ray's workers)."""
+    global _options
+    _options = dict(options)
+    if options:
+        os.environ[OPTIONS_VARIABLE] = json.dumps(options, sort_keys=True)
+    else:
+        os.environ.pop(OPTIONS_VARIABLE, None)
+
+
+def configured_options() -> dict[str, dict[str, Any]]:
+    """The storage options in effect: :func:`configure`'s, else the environment's (a Ray worker's), else none."""
+    global _options
+    if _options is None:
+        text = os.environ.get(OPTIONS_VARIABLE, "")
+        _options = json.loads(text) if text else {}
+    return _options
+
+
+def filesystem_options(url: str) -> dict[str, Any]:
+    """The configured fsspec options for ``url``'s protocol (``s3a``/``s3n`` share ``s3``'s, ``gcs`` ``gs``'s)."""
+    options = configured_options()
+    if not options:
+        return {}
+    protocol = url.split("://", 1)[0] if "://" in url else "file"
+    aliases = {"s3a": "s3", "s3n": "s3", "gcs": "gs", "abfs": "az", "abfss": "az", "local": "file"}
+    return dict(options.get(protocol) or options.get(aliases.get(protocol, protocol)) or {})
+
+
+def redacted(value: Any) -> Any:
+    """``value`` with every secret-looking option replaced by ``***`` (for printed configs, run.json, manifests, logs)."""
+    if isinstance(value, dict):
+        return {key: "***" if any(word in str(key).lower() for word in SECRET_OPTION_WORDS) and not isinstance(item, dict) else redacted(item)
+                for key, item in value.items()}
+    if isinstance(value, list):
+        return [redacted(item) for item in value]
+    return value
 
 
 OPTIONAL_FILESYSTEMS = {"gs": ("gcsfs", "gcs"), "gcs": ("gcsfs", "gcs"), "az": ("adlfs", "azure"), "abfs": ("adlfs", "azure"), "abfss": ("adlfs", "azure")}

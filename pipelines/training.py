@@ -33,6 +33,7 @@ import numpy as np
 from pipelines.mining import MiningConfig, QueryCandidates, distillation_lists, labelled_lists, sample_query_steps, trainable_queries
 from pipelines.reranking import FUSION_FILE, fuse_scores
 from pipelines.training_plan import TrainingPlan, parse_duration, plan_training
+from pipelines.storage import StorageConfig
 
 PRIMARY_DEV_METRIC = "eval_dev_fused_ndcg@10"
 
@@ -537,6 +538,7 @@ class TrainRerankerConfig:
     device: str = field(default="auto", metadata={"help": "where the driver trains: auto (a GPU when this process sees one), cuda or cpu; on a Ray "
                                                             "cluster submit with --entrypoint-num-gpus 1 for a GPU"})
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
 
     def validate(self) -> None:
         from pipelines import storage
