@@ -63,6 +63,7 @@ from pipelines.runtime import (
     resolve_broadcast,
     worker_visible,
 )
+from pipelines.storage import StorageConfig
 
 
 @dataclass
@@ -82,6 +83,7 @@ class BuildIndexConfig:
     keep: int = field(default=0, metadata={"help": "after publishing, prune to the newest N finished versions (jobs.versions prune's rules: CURRENT, "
                                                    "pinned and recently superseded versions stay); 0 = keep everything"})
     keep_grace: str = field(default="1d", metadata={"help": "with --keep: the grace period of the prune (jobs.versions prune --grace)"})
+    storage: StorageConfig = field(default_factory=StorageConfig)
 
     def validate(self) -> None:
         if not self.corpus:
@@ -285,7 +287,7 @@ def _build_index(config: BuildIndexConfig, corpus_url: str, index_url: str, leas
     manifest = index_store.Manifest(
         version_id=version_id,
         created_at=datetime.datetime.now(datetime.timezone.utc).isoformat(),
-        code_version={"package": pipelines.__version__, "git_commit": git_commit()},
+        code_version={"package": pipelines.__version__, "git_commit": git_commit(), "source_digest": pipelines.source_digest()},
         model={**model_settings, "dimension": dimension, "metric": "inner_product"},
         documents=config_to_dict(config.documents),
         index={"factory": plan.factory, "nprobe": plan.nprobe, "training_sample": plan.training_sample, "seed": plan.seed, "trained_file": "trained.faiss"},

@@ -341,3 +341,21 @@ def test_scifact_sample_with_the_bundled_model(ray_session, tmp_path):
     scores, hits = zip(*(shard.index.search(queries, 10) for shard in loaded.shards))
     hits = np.hstack(hits)[np.arange(100)[:, None], np.argsort(-np.hstack(scores), axis=1)[:, :10]]
     assert np.mean([position in row for position, row in enumerate(hits)]) >= 0.9
+
+
+def test_the_manifest_records_the_code_version_without_git(damaged_corpus_index, tmp_path):
+    # ray job submit --working-dir uploads the tree without .git: the source digest names the code all the same.
+    import pipelines
+
+    manifest = load_index(str(damaged_corpus_index.root)).manifest
+    assert manifest["code_version"]["package"] == pipelines.__version__
+    assert manifest["code_version"]["source_digest"] == pipelines.source_digest() and len(pipelines.source_digest()) == 16
+    for folder in ("pipelines", "jobs"):
+        shutil.copytree(REPOSITORY / folder, tmp_path / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    copied = subprocess.run([sys.executable, "-c", "import pipelines; print(pipelines.__file__, pipelines.source_digest())"],
+                            cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(tmp_path)}, capture_output=True, text=True, check=True).stdout.split()
+    assert copied == [str(tmp_path / "pipelines" / "__init__.py"), pipelines.source_digest()]
+    (tmp_path / "pipelines" / "storage.py").write_text((tmp_path / "pipelines" / "storage.py").read_text() + "\n# changed\n")
+    changed = subprocess.run([sys.executable, "-c", "import pipelines; print(pipelines.source_digest())"], cwd=tmp_path,
+                             env={**os.environ, "PYTHONPATH": str(tmp_path)}, capture_output=True, text=True, check=True).stdout.strip()
+    assert changed != pipelines.source_digest()
