@@ -243,7 +243,7 @@ def _build_index(config: BuildIndexConfig, corpus_url: str, index_url: str, leas
         built = storage.read_json(storage.join_url(folder, "summary.json"))
         return {**built, **embedding.summary(), "read_seconds": round(read_seconds, 2), "index_seconds": 0.0, "wall_seconds": round(time.perf_counter() - started, 2),
                 **published}
-    print(f"building version {version_id}: {plan.factory}, {plan.shards} shard(s), nprobe {plan.nprobe}")
+    print(f"building version {version_id}: {plan.factory}, {plan.shards} shard(s), nprobe {plan.nprobe}, re-scoring code {plan.rescoring_code}")
 
     # 4. Quarantine (rewritten whole on a rerun) and shards (finished ones reused).
     quarantine_url = storage.join_url(folder, "quarantine")
@@ -272,6 +272,7 @@ def _build_index(config: BuildIndexConfig, corpus_url: str, index_url: str, leas
         "read_seconds": round(read_seconds, 2),
         "index_seconds": round(index_seconds, 2),
         "factory": plan.factory,
+        "rescoring_code": plan.rescoring_code,
         "shards": len(shards),
         "index_bytes": sum(shard["bytes"] for shard in shards),
         "vector_bytes": sum(shard["vectors_bytes"] for shard in shards),
@@ -290,7 +291,8 @@ def _build_index(config: BuildIndexConfig, corpus_url: str, index_url: str, leas
         code_version={"package": pipelines.__version__, "git_commit": git_commit(), "source_digest": pipelines.source_digest()},
         model={**model_settings, "dimension": dimension, "metric": "inner_product"},
         documents=config_to_dict(config.documents),
-        index={"factory": plan.factory, "nprobe": plan.nprobe, "training_sample": plan.training_sample, "seed": plan.seed, "trained_file": "trained.faiss"},
+        index={"factory": plan.factory, "nprobe": plan.nprobe, "training_sample": plan.training_sample, "seed": plan.seed, "trained_file": "trained.faiss",
+               "rescoring_code": plan.rescoring_code},
         shards=shards,
         counts={"documents_read": corpus.rows_read, "quarantined": quarantined, "indexed": documents.num_rows},
         corpus={"url": config.corpus, "files": corpus.files},
