@@ -243,3 +243,21 @@ def test_the_commands_on_memory_storage(root, two_versions, capsys):
     assert [row["version_id"] for row in plan.versions] == [older] and plan.shared
     assert not storage.exists(index_store.version_url(url, older))
     versions.validate_version(url, newer)
+
+
+@pytest.mark.s3
+def test_list_rollback_and_prune_on_s3(root, two_versions, s3_bucket, capsys):
+    older, newer = two_versions[1]
+    url = f"{s3_bucket}/index"
+    filesystem, path = storage.filesystem_and_path(url)
+    filesystem.put(root.rstrip("/") + "/", path + "/", recursive=True)
+    listed = json.loads(run(capsys, "list", "--index", url, "--json")[1])
+    assert [(row["version_id"], row["current"]) for row in listed["finished"]] == [(older, False), (newer, True)]
+    assert run(capsys, "rollback", "--index", url, "--to", older)[0] == 0
+    assert index_store.current_version_id(url) == older
+    assert run(capsys, "rollback", "--index", url, "--to", newer)[0] == 0
+    assert versions.plan_prune(url, keep=1).versions == []  # older was current a moment ago
+    plan = versions.prune(url, keep=1, now=later())
+    assert [row["version_id"] for row in plan.versions] == [older] and plan.shared
+    assert not storage.exists(index_store.version_url(url, older))
+    versions.validate_version(url, newer)
