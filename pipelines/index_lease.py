@@ -3,7 +3,8 @@
 Layout: ``<index root>/LEASE`` (beside CURRENT), JSON::
 
     {"owner": "jobs.build_index", "host": "node-3", "pid": 4242, "token": "<uuid4 hex>",
-     "acquired_at": "...+00:00", "renewed_at": "...+00:00", "expires_at": "...+00:00", "ttl_s": 120.0}
+     "acquired_at": "...+00:00", "renewed_at": "...+00:00", "expires_at": "...+00:00", "ttl_s": 120.0,
+     "node": "<boot id>/pid:[<pid namespace>]", "process_start": "<clock ticks>"}
 
 Rules:
 
@@ -17,7 +18,8 @@ Rules:
   A lease found taken over, or not renewed before it expired, marks the holder *lost*: :meth:`WriterLease.check`
   then raises :class:`LeaseLostError`, and :func:`compare_and_publish` refuses to move CURRENT.
 - **Breaking.** A lease is broken only once expired (a killed writer's lease expires by its TTL; clocks of the
-  writers' hosts are assumed to agree to well within the TTL). Breaking is race-free: on S3 the expired lease is
+  writers' hosts are assumed to agree to well within the TTL), or at once when its holder ran on this machine (same
+  boot id and pid namespace, Linux) and that process is gone (a rerun right after a kill does not wait the TTL). Breaking is race-free: on S3 the expired lease is
   overwritten with ``If-Match: <its ETag>`` (one breaker wins); on local disk it is first renamed to a unique
   name (one breaker wins the rename), checked to be the expired one, then the new lease is created exclusively.
 - **Waiting.** A second writer polls until the lease is free or ``timeout_s`` passes (0: fail at once), then
@@ -86,6 +88,27 @@ def _epoch(value: str) -> float:
     return datetime.datetime.fromisoformat(value).timestamp()
 
 
+def _node() -> str:
+    """This machine's boot id and this process's pid namespace (Linux), "" where unknown."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as handle:
+            boot = handle.read().strip()
+        return f"{boot}/{os.readlink('/proc/self/ns/pid')}"
+    except OSError:
+        return ""
+
+
+def _process_start(pid: int) -> str | None:
+    """The start time (clock ticks since boot) of a running process on this machine; None when there is no such
+    process or it is a zombie (killed, not yet reaped)."""
+    try:
+        with open(f"/proc/{int(pid)}/stat") as handle:
+            fields = handle.read().rsplit(")", 1)[1].split()
+    except (OSError, ValueError, IndexError):
+        return None
+    return None if fields[0] in ("Z", "X", "x") else fields[19]
+
+
 @dataclass
 class LeaseInfo:
     """What a lease file holds."""
@@ -98,19 +121,22 @@ class LeaseInfo:
     renewed_at: str
     expires_at: str
     ttl_s: float
+    node: str = ""  # Linux: boot id and pid namespace of the holder ("" elsewhere): where ``pid`` means something
+    process_start: str = ""  # Linux: the holder's start time in clock ticks since boot (tells a reused pid)
 
     @classmethod
     def new(cls, owner: str, ttl_s: float) -> LeaseInfo:
         now = _now()
         return cls(owner=owner, host=socket.gethostname(), pid=os.getpid(), token=uuid.uuid4().hex,
-                   acquired_at=_iso(now), renewed_at=_iso(now), expires_at=_iso(now + ttl_s), ttl_s=float(ttl_s))
+                   acquired_at=_iso(now), renewed_at=_iso(now), expires_at=_iso(now + ttl_s), ttl_s=float(ttl_s),
+                   node=_node(), process_start=_process_start(os.getpid()) or "")
 
     @classmethod
     def parse(cls, data: bytes) -> LeaseInfo | None:
         """None for a damaged file (it is then treated as held until its modification time plus the default TTL)."""
         try:
             value = json.loads(data)
-            info = cls(**{key: value[key] for key in cls.__dataclass_fields__})
+            info = cls(**{key: value[key] for key in cls.__dataclass_fields__ if key in value or key not in ("node", "process_start")})
             _epoch(info.expires_at)
             return info
         except (ValueError, TypeError, KeyError):
@@ -129,6 +155,14 @@ class LeaseInfo:
 
     def expired(self) -> bool:
         return _now() >= self.expires_epoch
+
+    def holder_gone(self) -> bool:
+        """True when the holder ran on this machine (same boot, same pid namespace) and its process no longer
+        exists (or its pid now names another process): its lease can be broken before it expires. False when
+        unknown (another machine, another container, no /proc): the lease then waits for its expiry."""
+        if not self.node or self.node != _node() or self.host != socket.gethostname() or not self.process_start:
+            return False
+        return _process_start(self.pid) != self.process_start
 
     def describe(self) -> str:
         left = self.expires_epoch - _now()
@@ -468,10 +502,12 @@ def acquire(root: str, owner: str = "", timeout_s: float = DEFAULT_TIMEOUT_S, tt
         else:
             holder = _holder(entry)
             tag = None
-            if holder.expired():
+            gone = not holder.expired() and holder.holder_gone()
+            if gone or holder.expired():
                 tag = backend.take_over(entry[1], info.to_bytes(), info.token)
                 if tag is not None:
-                    print(f"broke the expired writer lease on {root} ({holder.describe()})", flush=True)
+                    why = "of a process that no longer runs" if gone else "expired"
+                    print(f"broke the writer lease on {root} {why} ({holder.describe()})", flush=True)
         if tag is not None:
             # The expiry counts from when the lease was written, not from before the wait.
             return WriterLease(root, backend, info, tag)

@@ -173,6 +173,24 @@ def test_only_one_process_gets_the_lease_on_local_disk(tmp_path):
     assert read_lease(root) is None
 
 
+KILLED_HOLDER = """
+import os, sys
+from pipelines.index_lease import acquire
+acquire(sys.argv[1], owner="killed build", timeout_s=0, ttl_s=600)
+os._exit(9)  # as if killed: no release
+"""
+
+
+def test_the_lease_of_a_process_gone_from_this_machine_is_broken_at_once(tmp_path):
+    root = str(tmp_path / "index")
+    subprocess.run([sys.executable, "-c", KILLED_HOLDER, root], cwd=REPOSITORY, check=False, timeout=60)
+    stale = read_lease(root)
+    assert stale.owner == "killed build" and not stale.expired() and stale.holder_gone()
+    with writer_lease(root, owner="rerun", timeout_s=0) as lease:
+        assert read_lease(root).token == lease.info.token
+        assert not lease.info.holder_gone()  # a live holder on this machine keeps its lease
+
+
 def test_storage_without_an_atomic_create_is_refused():
     with pytest.raises(LeaseUnsupportedError, match="no writer lease on http"):
         acquire("http://127.0.0.1:9/index", timeout_s=0)
