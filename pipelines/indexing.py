@@ -18,8 +18,10 @@ rerun resumes the same version.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -137,13 +139,30 @@ def build_index(config: BuildIndexConfig) -> dict[str, Any]:
     check_model_reference(config.embedding.model, "--embedding.model")
     # The lease is taken on the index as named (a memory:// root is mirrored to a local folder below) and held
     # until the mirror is copied back; released on success and failure, and a killed job's lease expires.
-    with (index_lease.writer_lease(config.index, owner="jobs.build_index", timeout_s=config.lock_timeout) as lease,
+    with (build_lease(config) as lease,
           worker_visible(config.corpus) as corpus_url, worker_visible(config.index, copy_back=True) as index_url):
         summary = _build_index(config, corpus_url, index_url, lease)
     summary["index"] = config.index
     if config.keep:
         summary["pruned"] = prune_after_build(config)
     return summary
+
+
+@contextlib.contextmanager
+def build_lease(config: BuildIndexConfig) -> Iterator[index_lease.WriterLease | None]:
+    """The index root's writer lease for the whole build; None, with a warning, on storage without atomic create
+    (gs://, az:// here: no lease is implemented for them), where the build runs as before leases existed."""
+    try:
+        lease = index_lease.acquire(config.index, owner="jobs.build_index", timeout_s=config.lock_timeout)
+    except index_lease.LeaseUnsupportedError as error:
+        print(f"warning: {error}; building without a writer lease: run one writer at a time on this root", flush=True)
+        yield None
+        return
+    try:
+        lease.start_renewing()
+        yield lease
+    finally:
+        lease.release()
 
 
 def prune_after_build(config: BuildIndexConfig) -> dict[str, Any]:
@@ -154,7 +173,7 @@ def prune_after_build(config: BuildIndexConfig) -> dict[str, Any]:
     return {"versions": [row["version_id"] for row in plan.versions], "unfinished": len(plan.unfinished), "shared": len(plan.shared), "bytes_freed": plan.bytes_freed}
 
 
-def publish_version(index_url: str, started_from: str | None, version_id: str, lease: index_lease.WriterLease) -> dict[str, Any]:
+def publish_version(index_url: str, started_from: str | None, version_id: str, lease: index_lease.WriterLease | None) -> dict[str, Any]:
     """Move CURRENT to ``version_id`` if it still names ``started_from`` (compare-and-set, under the lease);
     the summary's ``published`` (and ``superseded_by`` when another version was published meanwhile)."""
     if index_lease.compare_and_publish(index_url, started_from, version_id, lease=lease):
@@ -209,7 +228,7 @@ def embed_missing(corpus: ValidatedCorpus, documents: pa.Table, config: BuildInd
     return run
 
 
-def _build_index(config: BuildIndexConfig, corpus_url: str, index_url: str, lease: index_lease.WriterLease) -> dict[str, Any]:
+def _build_index(config: BuildIndexConfig, corpus_url: str, index_url: str, lease: index_lease.WriterLease | None) -> dict[str, Any]:
     started = time.perf_counter()
     started_from = index_lease.read_current(index_url)  # CURRENT when the job started: publishing is a compare-and-set
     ensure_ray()
@@ -301,7 +320,8 @@ def _build_index(config: BuildIndexConfig, corpus_url: str, index_url: str, leas
         sparse=sparse,
         documents_store=documents_store,
     )
-    lease.check()  # a job that lost its lease (paused past its TTL) writes no manifest: another writer may own the folder
+    if lease is not None:
+        lease.check()  # a job that lost its lease (paused past its TTL) writes no manifest: another writer may own the folder
     manifest.write_version(index_url, documents, summary, publish_now=False)
     summary.update(publish_version(index_url, started_from, version_id, lease) if config.publish else {"published": False})
     return summary

@@ -259,3 +259,15 @@ def test_a_build_while_another_writer_holds_the_lease_fails_at_once_naming_it(ti
         assert run_job(build_index_job, build_index_flags(corpus, root, tiny_bi_encoder, "--lock-timeout", "0")) == 1  # one line, status 1
     assert not storage.exists(storage.join_url(root, "versions"))
     assert index_lease.read_lease(root) is None
+
+
+def test_a_build_on_storage_without_leases_warns_and_goes_on(monkeypatch, capsys):
+    from pipelines import indexing
+
+    def unsupported(*args, **kwargs):
+        raise LeaseUnsupportedError("gs://bucket/index: no writer lease on gs:// storage")
+
+    monkeypatch.setattr(indexing.index_lease, "acquire", unsupported)
+    with indexing.build_lease(indexing.BuildIndexConfig(corpus="corpus", index="gs://bucket/index")) as lease:
+        assert lease is None
+    assert "building without a writer lease: run one writer at a time on this root" in capsys.readouterr().out
