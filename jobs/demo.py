@@ -191,9 +191,32 @@ def run_demo(config: DemoConfig) -> dict:
     }
     if training_report:
         report["training"] = training_report
+    report["report"] = write_demo_report(workdir, run_name, index_url, index_summary, training_report, query_summary,
+                                         {"qrels": test_qrels, "runs": {run_name: results}})
     storage.write_json_atomically(os.path.join(workdir, "demo_report.json"), report)
-    print(f"report: {os.path.join(workdir, 'demo_report.json')}")
+    print(f"report: {os.path.join(workdir, 'demo_report.json')}; with plots: {report['report']}")
     return report
+
+
+def write_demo_report(workdir: str, run_name: str, index_url: str, index_summary: dict, training_report: dict | None, query_summary: dict,
+                      evaluation: dict) -> str:
+    """One page with every job's plots: the index, the reranker's training, the query run and its quality and depth sweep."""
+    from pipelines import report as run_report
+
+    manifest = index_store.read_manifest(index_url)
+    quarantine = manifest["quarantine"]["url"] if manifest.get("quarantine") else ""
+    sections = [run_report.Section(f"Index: {section.heading}", section.plots, section.headers, section.rows, section.notes)
+                for section in run_report.index_sections(index_summary, manifest, run_report.quarantine_reasons(quarantine) if quarantine else {})]
+    if training_report:
+        sections += [run_report.Section(f"Reranker training: {section.heading}", section.plots, section.headers, section.rows, section.notes)
+                     for section in run_report.training_sections(training_report)]
+    sections += run_report.query_sections(query_summary, evaluation)
+    html_url, images_url = run_report.report_paths(os.path.join(workdir, "demo_report.json"))
+    for section in sections:  # one folder of PNGs for the page: names unique across the jobs
+        for plot in section.plots:
+            plot.name = f"{section.heading.split(':')[0].lower().replace(' ', '_')}-{plot.name}"
+    run_report.write_report(html_url, images_url, f"Demo: {run_name}", sections, subtitle=f"index {index_url}, version {manifest['version_id']}")
+    return html_url
 
 
 def main(argv: list[str] | None = None) -> dict:

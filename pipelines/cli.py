@@ -4,7 +4,10 @@
   faiss are imported): status 2;
 - an expected failure (bad corpus, damaged index, missing model, an output folder of another run,
   bad qrels or run): status 1;
-- anything else is a bug or an infrastructure failure and keeps its traceback (status 1).
+- anything else is a bug or an infrastructure failure and keeps its traceback (status 1);
+- a job that ran and found nothing to do may ask for its own status: ``build_index --unchanged-status 3``
+  exits 3 when the corpus snapshot gives the version CURRENT already names (a nightly scheduler can tell
+  "nothing new" from "published").
 
 ``--debug`` (or ``PIPELINES_DEBUG=1``) shows the traceback of every error.
 """
@@ -39,7 +42,7 @@ def run_job(main: Callable[[list[str]], Any], argv: list[str] | None = None) -> 
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("PIPELINES_DEBUG") == "1"
     try:
-        main(argv)
+        result = main(argv)
     except ConfigError as error:
         if debug:
             raise
@@ -51,4 +54,4 @@ def run_job(main: Callable[[list[str]], Any], argv: list[str] | None = None) -> 
             raise
         print(f"error: {error}", file=sys.stderr, flush=True)
         return EXPECTED_ERROR_STATUS
-    return 0
+    return int(result.get("exit_status", 0)) if isinstance(result, dict) else 0

@@ -597,7 +597,8 @@ class EvaluateConfig:
 
 
 def evaluate(config: EvaluateConfig) -> dict[str, Any]:
-    """Evaluate every run against the qrels; write the report as JSON (atomically) when ``output`` is set.
+    """Evaluate every run against the qrels; write the report as JSON (atomically) when ``output`` is set, and
+    beside it its page with plots (:mod:`pipelines.report`: quality per stage, the depth sweep).
 
     The report: ``config``, ``qrels``, ``primary_metric``, ``metrics`` (names, in table order) and
     ``runs``: {run URL: :class:`RunEvaluator` results}. In JSON, depth keys become strings.
@@ -613,5 +614,10 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
         "runs": runs,
     }
     if config.output:
+        from pipelines import report as run_report
+
+        html_url, images_url = run_report.report_paths(config.output)
+        run_report.write_report(html_url, images_url, f"Evaluation: {', '.join(config.run)}", run_report.evaluation_sections(report))
+        report["report"] = html_url
         storage.write_json_atomically(config.output, report)
     return report

@@ -85,6 +85,8 @@ class BuildIndexConfig:
     keep: int = field(default=0, metadata={"help": "after publishing, prune to the newest N finished versions (jobs.versions prune's rules: CURRENT, "
                                                    "pinned and recently superseded versions stay); 0 = keep everything"})
     keep_grace: str = field(default="1d", metadata={"help": "with --keep: the grace period of the prune (jobs.versions prune --grace)"})
+    unchanged_status: int = field(default=0, metadata={"help": "exit status when the corpus gives the version CURRENT already names (nothing built or "
+                                                                "published): 0, or e.g. 3 so a scheduler can tell 'nothing new' (jobs/configs/reindex.yaml)"})
     storage: StorageConfig = field(default_factory=StorageConfig)
 
     def validate(self) -> None:
@@ -92,6 +94,8 @@ class BuildIndexConfig:
             raise ValueError("--corpus is required")
         if not self.index:
             raise ValueError("--index is required")
+        if not 0 <= self.unchanged_status <= 255:
+            raise ValueError(f"--unchanged-status {self.unchanged_status}: an exit status is 0 to 255")
         if self.keep < 0:
             raise ValueError(f"--keep {self.keep}: must be 0 (keep everything) or more")
         from pipelines.versions import parse_duration
@@ -260,8 +264,9 @@ def _build_index(config: BuildIndexConfig, corpus_url: str, index_url: str, leas
         published = publish_version(index_url, started_from, version_id, lease) if config.publish else {"published": False}
         # summary.json describes the run that built the version; the rerun reports its own work.
         built = storage.read_json(storage.join_url(folder, "summary.json"))
+        unchanged = started_from == version_id  # CURRENT already named this version: the snapshot changed nothing
         return {**built, **embedding.summary(), "read_seconds": round(read_seconds, 2), "index_seconds": 0.0, "wall_seconds": round(time.perf_counter() - started, 2),
-                **published}
+                **published, "unchanged": unchanged, **({"exit_status": config.unchanged_status} if unchanged else {})}
     print(f"building version {version_id}: {plan.factory}, {plan.shards} shard(s), nprobe {plan.nprobe}, re-scoring code {plan.rescoring_code}")
 
     # 4. Quarantine (rewritten whole on a rerun) and shards (finished ones reused).
@@ -320,6 +325,12 @@ def _build_index(config: BuildIndexConfig, corpus_url: str, index_url: str, leas
         sparse=sparse,
         documents_store=documents_store,
     )
+    from pipelines import report as run_report
+
+    run_report.write_report(*run_report.report_paths(folder), title=f"Index version {version_id}",
+                            sections=run_report.index_sections(summary, {"shards": shards}, run_report.quarantine_reasons(quarantine_url)),
+                            subtitle=f"corpus {config.corpus}; index {config.index}; model {config.embedding.model}")
+    summary["report"] = run_report.report_paths(index_store.version_url(config.index, version_id))[0]
     if lease is not None:
         lease.check()  # a job that lost its lease (paused past its TTL) writes no manifest: another writer may own the folder
     manifest.write_version(index_url, documents, summary, publish_now=False)

@@ -485,8 +485,23 @@ def _retrieve_and_rerank(config, manifest, index_url, queries_url, corpus_url, o
         "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
         "config": config_to_dict(config),
     }
+    summary["report"] = write_query_report(config, summary, output_url)
     storage.write_json_atomically(storage.join_url(output_url, "run.json"), summary)
     return summary
+
+
+def write_query_report(config: RetrieveRerankConfig, summary: dict[str, Any], output_url: str) -> str:
+    """The run's page with plots (:mod:`pipelines.report`) in the output folder; with ``--qrels``, the quality of every
+    stage of the whole run too (every judged query is in it). Returns the page's URL as the user named the output."""
+    from pipelines import report as run_report
+    from pipelines.evaluation import PRIMARY_METRIC, RunEvaluator, read_qrels, read_run
+
+    evaluation = None
+    if config.qrels:
+        evaluation = {"qrels": config.qrels, "primary_metric": PRIMARY_METRIC, "runs": {config.output: RunEvaluator(read_qrels(config.qrels))(read_run(output_url))}}
+    run_report.write_report(*run_report.report_paths(output_url), title=f"Retrieve and rerank: {config.output}", sections=run_report.query_sections(summary, evaluation),
+                            subtitle=f"index {config.index}, version {summary['index_version']}; queries {config.queries}")
+    return run_report.report_paths(config.output)[0]
 
 
 def summary_table(summary: dict[str, Any]) -> str:

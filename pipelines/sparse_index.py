@@ -35,6 +35,7 @@ from pipelines import index_store, storage
 SPARSE_FOLDER = index_store.SPARSE_FOLDER
 STATISTICS_FILE = "bm25-statistics.npz"
 METHOD = "lucene"
+TOKENIZE_BATCH_ROWS = 8192  # documents tokenized at a time by a ShardTermCounter: whole blocks (up to 128 MiB of text) held 3.2 GiB at 1M
 MAX_SHARD_DOCUMENTS = 200_000  # BM25 shard size cap: a shard's counts and scores take about 1 GiB to build and to search at 200k abstracts
 
 
@@ -353,7 +354,8 @@ def build_sparse_shards(rows, documents: pa.Table, ranges: list[tuple[int, int]]
         print(f"BM25: tokenizing {mapping.num_rows} documents for {len(missing)} shard(s)")
         parts = rows.map_batches(
             ShardTermCounter, fn_constructor_args=(config,), fn_args=(ray.put(mapping), ray.put(shard_by_position)),
-            batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, int(ray.cluster_resources().get("CPU", 1)) - 1)), num_cpus=0.5,
+            batch_format="pyarrow", batch_size=TOKENIZE_BATCH_ROWS,
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, int(ray.cluster_resources().get("CPU", 1)) - 1)), num_cpus=0.5,
         )
         written = collect(parts.groupby("shard").map_groups(write_shard_counts, fn_args=(root, keys), batch_format="pyarrow", num_cpus=0.5))
         for row in written.to_pylist() if written is not None else []:

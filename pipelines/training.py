@@ -122,17 +122,21 @@ def fit_fusion_weight(
     evaluator,
     depth: int,
     grid: int = 21,
+    curve: list[dict[str, float]] | None = None,
 ) -> tuple[float, float]:
     """The weight a in [0, 1] whose fused ranking has the best dev nDCG@10; returns (a, nDCG@10).
 
     ``evaluator`` is a :class:`pipelines.evaluation.RunEvaluator` (ir_measures, graded gains: the
     nDCG that ``jobs.evaluate`` reports). a = 0 is the first stage alone, so the fitted fusion is
     never worse on dev than the first stage. Ties go to the smaller weight (deterministic, cautious).
+    ``curve``, when given, receives {weight, ndcg@10} of every weight tried.
     """
     best = (0.0, -1.0)
     for weight in np.linspace(0.0, 1.0, grid):
         fused = {q: fuse_scores(rerank_scores[q][:depth], first_stage_scores[q][:depth], weight) for q in candidates}
         value = evaluator.evaluate_ranking(rank_by(candidates, fused, depth))["ndcg@10"]
+        if curve is not None:  # every weight tried, for the report's plot
+            curve.append({"weight": float(round(weight, 4)), "ndcg@10": round(float(value), 4)})
         if value > best[1] + 1e-12:
             best = (float(round(weight, 4)), float(value))
     return best
@@ -209,9 +213,9 @@ class DevSet:
         values = self.evaluator.evaluate_ranking(ranking)
         return {name: round(float(values[name]), 4) for name in ("ndcg@10", "p@3", "mrr@10", "recall@100")}
 
-    def stages(self, rerank_scores: dict[str, np.ndarray], depth: int) -> tuple[float, dict[str, dict[str, float]]]:
+    def stages(self, rerank_scores: dict[str, np.ndarray], depth: int, curve: list | None = None) -> tuple[float, dict[str, dict[str, float]]]:
         """(fitted fusion weight, {first_stage, reranked, fused: metrics}) for rerank scores of the top ``depth``."""
-        weight, _ = fit_fusion_weight(self.candidates, self.first_stage_scores, rerank_scores, self.evaluator, depth)
+        weight, _ = fit_fusion_weight(self.candidates, self.first_stage_scores, rerank_scores, self.evaluator, depth, curve=curve)
         fused = {q: fuse_scores(rerank_scores[q][:depth], self.first_stage_scores[q][:depth], weight) for q in self.candidates}
         return weight, {
             "first_stage": self.metrics(self.candidates),
@@ -711,7 +715,8 @@ def train_reranker(config: TrainRerankerConfig) -> dict[str, Any]:
 
         model = CrossEncoder(trained["model_folder"], max_length=training.max_length)
         dev_scores = score_candidates(model, queries, dev.candidates, texts, config.fusion_depth, trained["precision"])
-        weight, dev_metrics = dev.stages(dev_scores, config.fusion_depth)
+        fusion_curve: list[dict[str, float]] = []
+        weight, dev_metrics = dev.stages(dev_scores, config.fusion_depth, fusion_curve)
         decision = serving_decision(dev_metrics, weight)
         print(decision["message"], flush=True)
         trained_on = {
@@ -756,6 +761,7 @@ def train_reranker(config: TrainRerankerConfig) -> dict[str, Any]:
             "plan_reused": plan_reused,
             "training_lists": len(lists),
             "fusion_weight": weight,
+            "fusion_curve": fusion_curve,
             "first_stage": first_stage,
             "serving": decision,
             "fitted_on": fitted_on,
@@ -765,6 +771,11 @@ def train_reranker(config: TrainRerankerConfig) -> dict[str, Any]:
             **{key: value for key, value in trained.items() if key != "model_folder"},
             "wall_seconds": round(time.perf_counter() - started, 1),
         }
+        from pipelines import report as run_report
+
+        run_report.write_report(*run_report.report_paths(output_folder), title=f"Reranker training: {config.output}", sections=run_report.training_sections(report),
+                                subtitle=f"index version {manifest['version_id']}, {len(train_ids)} training queries")
+        report["report"] = run_report.report_paths(config.output)[0]
         storage.write_json_atomically(os.path.join(output_folder, "training_report.json"), report)
     report["model"] = storage.join_url(config.output, "model")
     return report

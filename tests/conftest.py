@@ -297,3 +297,30 @@ def damaged_corpus_index(ray_session, tiny_bi_encoder, damaged_corpus, tmp_path_
     root = tmp_path_factory.mktemp("damaged-corpus-index") / "index"
     summary = main(build_index_flags(damaged_corpus.folder, root, tiny_bi_encoder, *DAMAGED_CORPUS_BUILD_FLAGS))
     return BuiltIndex(root=root, summary=summary)
+
+
+def check_report(html_path, expected_plots) -> None:
+    """A job's report: the HTML parses, embeds every plot as a PNG data URL and links its PNG file, which is a non-empty PNG."""
+    import base64
+    import html.parser
+
+    html_path = Path(html_path)
+    folder = html_path.parent / html_path.name.removesuffix(".html")
+    images, links = [], []
+
+    class Collector(html.parser.HTMLParser):
+        def handle_starttag(self, tag, attributes):
+            attributes = dict(attributes)
+            if tag == "img":
+                images.append(attributes["src"])
+            if tag == "a":
+                links.append(attributes["href"])
+
+    Collector().feed(html_path.read_text())
+    assert "<title>" in html_path.read_text() and html_path.read_text().rstrip().endswith("</html>")
+    for name in expected_plots:
+        png = folder / f"{name}.png"
+        assert png.is_file() and png.stat().st_size > 1000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+        assert f"{folder.name}/{name}.png" in links, (name, links)
+        assert f"data:image/png;base64,{base64.b64encode(png.read_bytes()).decode()}" in images, name
+    assert len(images) == len(links) == len(list(folder.glob("*.png")))

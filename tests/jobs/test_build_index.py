@@ -23,7 +23,7 @@ from pipelines import index_store, storage
 from pipelines.documents import CorpusError
 from pipelines.index_store import load_index
 
-from conftest import DAMAGED_CORPUS_BUILD_FLAGS, REPOSITORY, SCIFACT, build_index_flags, synthetic_documents
+from conftest import DAMAGED_CORPUS_BUILD_FLAGS, REPOSITORY, SCIFACT, build_index_flags, check_report, synthetic_documents
 
 # --- helpers -------------------------------------------------------------------------------------
 
@@ -359,3 +359,29 @@ def test_the_manifest_records_the_code_version_without_git(damaged_corpus_index,
     changed = subprocess.run([sys.executable, "-c", "import pipelines; print(pipelines.source_digest())"], cwd=tmp_path,
                              env={**os.environ, "PYTHONPATH": str(tmp_path)}, capture_output=True, text=True, check=True).stdout.strip()
     assert changed != pipelines.source_digest()
+
+
+def test_the_version_holds_a_report_with_plots(damaged_corpus_index):
+    summary = damaged_corpus_index.summary
+    folder = damaged_corpus_index.root / "versions" / summary["version_id"]
+    check_report(folder / "report.html", ["documents", "quarantine", "throughput", "bytes_per_vector", "shards"])
+    assert summary["report"] == str(folder / "report.html")
+    page = (folder / "report.html").read_text()
+    assert "duplicate id" in page and f"{summary['indexed']:,}" in page  # quarantine reasons and counts in its tables
+
+
+def test_a_snapshot_that_changes_nothing_exits_with_the_unchanged_status(ray_session, tiny_bi_encoder, tmp_path, capsys):
+    # The nightly recipe (jobs/configs/reindex.yaml) asks for status 3 when the version is already the current one.
+    from pipelines.cli import run_job
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "docs.jsonl").write_text("\n".join(json.dumps(document) for document in synthetic_documents(30, seed=2)) + "\n")
+    flags = build_index_flags(corpus, tmp_path / "index", tiny_bi_encoder, "--embedding.precision", "fp32", "--embedding.max-seq-length", "64",
+                              "--config", str(REPOSITORY / "jobs" / "configs" / "reindex.yaml"))
+    assert run_job(build_index_job, flags) == 0  # a new version, published
+    assert run_job(build_index_job, flags) == 3  # the same snapshot: nothing built, nothing published
+    assert run_job(build_index_job, [*flags, "--unchanged-status", "0"]) == 0
+    with (corpus / "docs.jsonl").open("a") as handle:
+        handle.write(json.dumps({"_id": "late", "text": "a document that arrived today"}) + "\n")
+    assert run_job(build_index_job, flags) == 0  # a changed snapshot: published

@@ -31,6 +31,7 @@ from conftest import (
     synthetic_documents,
     write_jsonl,
 )
+from pipelines import storage
 
 pytest.importorskip("aiohttp_cors", reason="job submission needs ray[default] (the dashboard's job server): pip install -e '.[cluster]'")
 
@@ -68,7 +69,8 @@ def head_environment() -> dict[str, str]:
     environment = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": AUTH_TOKEN}
     for variable in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_JOB_ID", "RAY_AUTH_TOKEN_PATH"):
         environment.pop(variable, None)
-    return environment
+    # No AWS settings on the head: a submitted job reaches S3 only through what it is given (--storage.options).
+    return {name: value for name, value in environment.items() if not name.startswith("AWS_")}
 
 
 # Polls one job until it is terminal with the JobSubmissionClient, in a child process with head_environment();
@@ -234,3 +236,28 @@ def test_submitted_jobs_build_retrieve_and_evaluate(ray_head, inputs, tiny_bi_en
     assert f"wrote {evaluation}" in logs and "ndcg@10" in logs, logs[-3000:]
     report = json.loads(evaluation.read_text())
     assert report["runs"], report
+
+
+@pytest.mark.s3
+def test_submitted_jobs_read_and_write_s3_through_storage_options(ray_head, inputs, tiny_bi_encoder, s3_bucket):
+    """The README's recipe with the data on S3 (the moto server): the head and its jobs have no AWS variables,
+    so the endpoint and keys reach each job, its driver and its Ray workers, only through --storage.options."""
+    filesystem, _ = storage.filesystem_and_path(s3_bucket)
+    bucket = s3_bucket.removeprefix("s3://")
+    for name in ("corpus", "queries", "qrels"):
+        filesystem.put(str(inputs[name]), f"{bucket}/inputs/{inputs[name].name}")
+    options = json.dumps({"s3": {"endpoint_url": os.environ["AWS_ENDPOINT_URL"], "key": "testing", "secret": "testing-secret-value",
+                                 "client_kwargs": {"region_name": "us-east-1"}}})
+    corpus, queries, qrels = (f"{s3_bucket}/inputs/{inputs[name].name}" for name in ("corpus", "queries", "qrels"))
+    index, run, evaluation = f"{s3_bucket}/index", f"{s3_bucket}/run", f"{s3_bucket}/evaluation.json"
+
+    logs = wait_for(ray_head, submit(ray_head, "build_index", *build_index_flags(corpus, index, tiny_bi_encoder, "--embedding.max-seq-length", "64",
+                                                                                "--faiss.factory", "Flat", "--storage.options", options)))
+    version = filesystem.cat_file(f"{bucket}/index/CURRENT").decode().strip()
+    assert f"index version {version}" in logs
+    logs += wait_for(ray_head, submit(ray_head, "retrieve_rerank", "--index", index, "--queries", queries, "--output", run, "--reranker", "none",
+                                      "--top-k", "10", "--storage.options", options))
+    assert any(path.endswith(".parquet") for path in filesystem.find(f"{bucket}/run"))
+    logs += wait_for(ray_head, submit(ray_head, "evaluate", "--qrels", qrels, "--run", run, "--output", evaluation, "--storage.options", options))
+    assert json.loads(filesystem.cat_file(f"{bucket}/evaluation.json"))["runs"]
+    assert "testing-secret-value" not in logs and "***" in logs  # the effective config shows the options, secrets hidden

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from conftest import WORDS, write_jsonl
+from conftest import WORDS, check_report, write_jsonl
 from pipelines import storage
 from pipelines.evaluation import read_run
 from pipelines.index_store import IndexValidationError
@@ -123,6 +123,8 @@ def test_first_stage_only_with_qrels(damaged_corpus_index, query_files, tmp_path
     assert set(table["query_id"].to_pylist()) == {f"q{n}" for n in range(10)}
     assert table["rerank_score"].null_count == table.num_rows
     assert pc.all(pc.equal(table["rank"], table["first_stage_rank"])).as_py()
+    check_report(output / "report.html", ["throughput", "quality"])  # with --qrels, the quality of each stage
+    assert summary["report"] == str(output / "report.html")
 
 
 def test_judged_queries_missing_from_the_log_are_an_error(damaged_corpus_index, query_files, tmp_path):

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import WORDS, write_jsonl
+from conftest import WORDS, check_report, write_jsonl
 from pipelines import index_store
 
 
@@ -60,6 +60,8 @@ def test_training_job_plans_trains_and_writes_a_serving_card(damaged_corpus_inde
     manifest = index_store.read_manifest(root)
     assert card["trained_on"]["corpus_fingerprint"] == index_store.corpus_fingerprint(index_store.load_doc_ids(root, manifest))
     assert json.loads((output / "plan.json").read_text())["total_steps"] == 12
+    check_report(output / "report.html", ["loss", "dev_ndcg", "fusion_weight"])
+    assert [point["weight"] for point in report["fusion_curve"]][:3] == [0.0, 0.05, 0.1] and report["report"] == str(output / "report.html")
     # A rerun finds the finished run: same plan, no step trained again.
     again = train(root, queries, qrels, str(output), tiny_cross_encoder)
     assert again["plan_reused"] and again["resumed"] and again["steps"] == 12 and again["fusion_weight"] == report["fusion_weight"]

@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from conftest import check_report
 from pipelines import evaluation
 from pipelines.evaluation import DepthError, QrelsError, RunError, RunEvaluator
 
@@ -267,6 +268,8 @@ def test_job_end_to_end(tmp_path, capsys):
     assert report["runs"][str(reranked_run)]["depth_sweep"]["reranked"][2]["p@3"] == pytest.approx(DEPTH_2["p@3"])
     printed = capsys.readouterr().out
     assert "effective config:" in printed and "rerank depth sweep" in printed and "1 of 3 judged queries have no results" in printed
+    check_report(tmp_path / "out" / "evaluation.report.html", ["quality", "depth_sweep"])
+    assert written["report"] == str(tmp_path / "out" / "evaluation.report.html")
 
 
 def test_hybrid_run_has_dense_and_sparse_stages_by_their_own_ranks():

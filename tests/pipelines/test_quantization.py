@@ -198,3 +198,19 @@ def test_a_rerank_length_past_the_models_positions_is_clamped(tiny_cross_encoder
     assert scorer.config.max_length == 128 and "--rerank.max-length 512" in capsys.readouterr().out
     long_pairs = [(query, " ".join([text] * 20)) for query, text in PAIRS[:4]]
     assert np.isfinite(scorer.score_pairs(long_pairs)).all()
+
+
+def test_a_128_position_model_builds_an_int8_index_under_the_default_settings(ray_session, tiny_bi_encoder, tmp_path):
+    """--embedding.max-seq-length is 256 by default: the tiny model's 128 positions are used (with a notice), and
+    int8 calibration and embedding run (they crashed in OpenVINO's shape inference before the clamp)."""
+    from jobs.build_index import main as build_index_job
+
+    documents = [{"_id": document["_id"], "text": " ".join([document["text"]] * 30)} for document in synthetic_documents(40, seed=9)]  # past 128 tokens
+    corpus = write_jsonl(tmp_path / "corpus" / "docs.jsonl", documents)
+    summary = build_index_job(build_index_flags(corpus.parent, tmp_path / "index", tiny_bi_encoder, "--embedding.calibration-documents", "20"))
+    assert summary["embedded"] == 40 and summary["indexed"] == 40
+    from pipelines.index_store import load_index
+
+    manifest = load_index(str(tmp_path / "index")).manifest
+    settings = json.loads((tmp_path / "index" / manifest["model"]["quantized_model"] / quantization.QUANTIZATION_FILE).read_text())
+    assert manifest["model"]["max_seq_length"] == 256 and settings["max_length"] == 128  # calibrated at the model's 128 positions
