@@ -538,6 +538,24 @@ def writer_lease(root: str, owner: str = "", timeout_s: float = DEFAULT_TIMEOUT_
         lease.release()
 
 
+@contextlib.contextmanager
+def lease_if_supported(root: str, owner: str = "", timeout_s: float = DEFAULT_TIMEOUT_S, warning: str = "") -> Iterator[WriterLease | None]:
+    """:func:`writer_lease`, or None where the storage offers no atomic create (then ``warning``, when given, is
+    printed after the reason): writers on such storage run as they did before leases existed."""
+    try:
+        lease = acquire(root, owner=owner, timeout_s=timeout_s)
+    except LeaseUnsupportedError as error:
+        if warning:
+            print(f"warning: {error}; {warning}", flush=True)
+        yield None
+        return
+    try:
+        lease.start_renewing()
+        yield lease
+    finally:
+        lease.release()
+
+
 def read_current(root: str) -> str | None:
     """The version id CURRENT names, or None when the root has no CURRENT yet."""
     if not storage.exists(storage.join_url(root, "CURRENT")):

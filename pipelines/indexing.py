@@ -18,10 +18,8 @@ rerun resumes the same version.
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -152,21 +150,11 @@ def build_index(config: BuildIndexConfig) -> dict[str, Any]:
     return summary
 
 
-@contextlib.contextmanager
-def build_lease(config: BuildIndexConfig) -> Iterator[index_lease.WriterLease | None]:
+def build_lease(config: BuildIndexConfig):
     """The index root's writer lease for the whole build; None, with a warning, on storage without atomic create
     (gs://, az:// here: no lease is implemented for them), where the build runs as before leases existed."""
-    try:
-        lease = index_lease.acquire(config.index, owner="jobs.build_index", timeout_s=config.lock_timeout)
-    except index_lease.LeaseUnsupportedError as error:
-        print(f"warning: {error}; building without a writer lease: run one writer at a time on this root", flush=True)
-        yield None
-        return
-    try:
-        lease.start_renewing()
-        yield lease
-    finally:
-        lease.release()
+    return index_lease.lease_if_supported(config.index, owner="jobs.build_index", timeout_s=config.lock_timeout,
+                                          warning="building without a writer lease: run one writer at a time on this root")
 
 
 def prune_after_build(config: BuildIndexConfig) -> dict[str, Any]:

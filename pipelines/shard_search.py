@@ -167,10 +167,7 @@ def exact_scores(queries: np.ndarray, vectors: np.ndarray, local_ids: np.ndarray
     local_ids = np.asarray(local_ids)
     if queries.ndim != 2 or vectors.ndim != 2 or local_ids.shape[:1] != queries.shape[:1] or local_ids.ndim != 2 or queries.shape[1] != vectors.shape[1]:
         raise ValueError(f"shapes do not match: queries {queries.shape}, vectors {vectors.shape}, ids {local_ids.shape}")
-    valid = local_ids >= 0
-    ids = np.ascontiguousarray(np.where(valid, local_ids, 0), dtype=np.int64)
-    if ids.size and (not len(vectors) or ids.max() >= len(vectors)):
-        raise ValueError(f"candidate id {int(ids.max())} is outside the shard's {len(vectors)} vectors")
+    valid, ids = _candidate_rows(local_ids, len(vectors), "vectors")
     scores = np.empty(ids.shape, dtype=np.float32)
     if ids.size and half:
         _half_scores(scores, queries, vectors, ids)
@@ -179,6 +176,15 @@ def exact_scores(queries: np.ndarray, vectors: np.ndarray, local_ids: np.ndarray
             faiss.swig_ptr(scores), faiss.swig_ptr(queries), faiss.swig_ptr(vectors), faiss.swig_ptr(ids), queries.shape[1], ids.shape[0], ids.shape[1]
         )
     return np.where(valid, scores, -np.inf).astype(np.float32)
+
+
+def _candidate_rows(local_ids: np.ndarray, rows: int, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """(valid mask, int64 row ids with padding as 0) of candidate ids, checked to lie within the shard's ``rows``."""
+    valid = local_ids >= 0
+    ids = np.ascontiguousarray(np.where(valid, local_ids, 0), dtype=np.int64)
+    if ids.size and (not rows or ids.max() >= rows):
+        raise ValueError(f"candidate id {int(ids.max())} is outside the shard's {rows} {what}")
+    return valid, ids
 
 
 HALF_CHUNK_VALUES = 1 << 19  # float16 re-scoring: candidate values widened to float32 at a time (2 MiB)
@@ -201,10 +207,7 @@ def code_scores(queries: np.ndarray, codes: np.ndarray, codec, local_ids: np.nda
     code_size = int(codec.sa_code_size())
     if queries.ndim != 2 or codes.ndim != 2 or local_ids.ndim != 2 or local_ids.shape[0] != queries.shape[0] or queries.shape[1] != codec.d or codes.shape[1] != code_size:
         raise ValueError(f"shapes do not match: queries {queries.shape}, codes {codes.shape} (codec: {codec.d}-d, {code_size} B), ids {local_ids.shape}")
-    valid = local_ids >= 0
-    ids = np.ascontiguousarray(np.where(valid, local_ids, 0), dtype=np.int64)
-    if ids.size and (not len(codes) or ids.max() >= len(codes)):
-        raise ValueError(f"candidate id {int(ids.max())} is outside the shard's {len(codes)} codes")
+    valid, ids = _candidate_rows(local_ids, len(codes), "codes")
     scores = np.empty(ids.shape, dtype=np.float32)
     if ids.size:
         count, candidates = ids.shape

@@ -35,7 +35,6 @@ a later prune), never a damaged finished version.
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import getpass
 import json
@@ -299,25 +298,12 @@ def record_publish(root: str, version_id: str, previous: str | None, reason: str
     return True
 
 
-@contextlib.contextmanager
 def writer_lease(root: str, owner: str, timeout_s: float = 600.0):
     """The root's writer lease (``pipelines.index_lease``) for a block that writes under it; None (no lease) where
-    that module is absent or the storage has no lease support, so the commands run on any fsspec root."""
-    try:
-        from pipelines import index_lease
-    except ImportError:
-        yield None
-        return
-    try:
-        lease = index_lease.acquire(root, owner=owner, timeout_s=timeout_s)
-    except index_lease.LeaseUnsupportedError:
-        yield None
-        return
-    try:
-        lease.start_renewing()
-        yield lease
-    finally:
-        lease.release()
+    the storage has no lease support, so the commands run on any fsspec root."""
+    from pipelines import index_lease
+
+    return index_lease.lease_if_supported(root, owner=owner, timeout_s=timeout_s)
 
 
 def publish(root: str, version_id: str, reason: str = "build", now: datetime.datetime | None = None, lease: Any = None) -> bool:
