@@ -130,7 +130,7 @@ def read_qrels(url: str) -> dict[str, dict[str, int]]:
     number = 0
     seen_content = False
     try:
-        with fsspec.open(url, "rt", compression="infer", encoding="utf-8", newline="") as handle:
+        with fsspec.open(url, "rt", compression="infer", encoding="utf-8", newline="", **storage.filesystem_options(url)) as handle:
             for number, line in enumerate(handle, start=1):
                 text = line.rstrip("\r\n")
                 if not text.strip():

@@ -83,3 +83,15 @@ def test_a_query_job_reaches_s3_through_storage_options_alone(damaged_corpus_ind
     # Without the options (and without AWS variables) the same job cannot reach the bucket.
     failed = subprocess.run([sys.executable, "-m", "jobs.retrieve_rerank", *flags[:-2]], cwd=REPOSITORY, env=environment, capture_output=True, text=True, timeout=300)
     assert failed.returncode != 0
+
+
+@pytest.mark.s3
+def test_qrels_on_s3_are_read_with_the_storage_options(s3_bucket, monkeypatch, restore_storage_options):
+    from pipelines.evaluation import read_qrels
+
+    storage.write_bytes_atomically(f"{s3_bucket}/qrels.tsv", b"query-id\tcorpus-id\tscore\nq1\td1\t2\n")
+    endpoint = os.environ["AWS_ENDPOINT_URL"]
+    for variable in [name for name in os.environ if name.startswith("AWS_")]:
+        monkeypatch.delenv(variable)
+    storage.configure({"s3": {"endpoint_url": endpoint, "key": SECRET_KEY, "secret": SECRET, "client_kwargs": {"region_name": "us-east-1"}}})
+    assert read_qrels(f"{s3_bucket}/qrels.tsv") == {"q1": {"d1": 2}}
