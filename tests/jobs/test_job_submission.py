@@ -167,12 +167,12 @@ def stop_head(process: subprocess.Popen, temp_dir: str) -> None:
         process.wait(timeout=10)
 
 
-def submit(address: str, job: str, *flags: str) -> str:
+def submit(address: str, job: str, *flags: str, runtime_env: Path = RUNTIME_ENV) -> str:
     """``ray job submit --no-wait`` of ``python -m jobs.<job> flags`` from the repository; returns the submission id."""
     submission_id = f"test-{job}-{uuid.uuid4().hex[:8]}"
     command = [
         *RAY, "job", "submit", "--address", address, "--submission-id", submission_id, "--no-wait",
-        "--working-dir", str(REPOSITORY), "--runtime-env", str(RUNTIME_ENV),
+        "--working-dir", str(REPOSITORY), "--runtime-env", str(runtime_env),
         "--", "python", "-m", f"jobs.{job}", *flags,
     ]
     result = subprocess.run(command, cwd=REPOSITORY, env=head_environment(), capture_output=True, text=True, timeout=120, check=False)
@@ -239,25 +239,34 @@ def test_submitted_jobs_build_retrieve_and_evaluate(ray_head, inputs, tiny_bi_en
 
 
 @pytest.mark.s3
-def test_submitted_jobs_read_and_write_s3_through_storage_options(ray_head, inputs, tiny_bi_encoder, s3_bucket):
-    """The README's recipe with the data on S3 (the moto server): the head and its jobs have no AWS variables,
-    so the endpoint and keys reach each job, its driver and its Ray workers, only through --storage.options."""
+def test_submitted_jobs_read_and_write_s3_through_storage_options(ray_head, inputs, tiny_bi_encoder, s3_bucket, tmp_path):
+    """The README's recipe with the data on S3 (the moto server). The head has no AWS variables: each job, its driver
+    and its Ray workers, gets the endpoint from --storage.options and the keys from the runtime environment's
+    env_vars (as the README advises: the command line, --storage.options included, is echoed in Ray's job logs)."""
+    import yaml
+
     filesystem, _ = storage.filesystem_and_path(s3_bucket)
     bucket = s3_bucket.removeprefix("s3://")
     for name in ("corpus", "queries", "qrels"):
         filesystem.put(str(inputs[name]), f"{bucket}/inputs/{inputs[name].name}")
-    options = json.dumps({"s3": {"endpoint_url": os.environ["AWS_ENDPOINT_URL"], "key": "testing", "secret": "testing-secret-value",
-                                 "client_kwargs": {"region_name": "us-east-1"}}})
+    runtime_env = yaml.safe_load(RUNTIME_ENV.read_text())
+    runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing-secret-value",
+                               "AWS_DEFAULT_REGION": "us-east-1"}
+    with_keys = tmp_path / "runtime_env.yaml"
+    with_keys.write_text(yaml.safe_dump(runtime_env))
+    endpoint = os.environ["AWS_ENDPOINT_URL"]
+    options = json.dumps({"s3": {"endpoint_url": endpoint}})
     corpus, queries, qrels = (f"{s3_bucket}/inputs/{inputs[name].name}" for name in ("corpus", "queries", "qrels"))
     index, run, evaluation = f"{s3_bucket}/index", f"{s3_bucket}/run", f"{s3_bucket}/evaluation.json"
 
     logs = wait_for(ray_head, submit(ray_head, "build_index", *build_index_flags(corpus, index, tiny_bi_encoder, "--embedding.max-seq-length", "64",
-                                                                                "--faiss.factory", "Flat", "--storage.options", options)))
+                                                                                "--faiss.factory", "Flat", "--storage.options", options), runtime_env=with_keys))
     version = filesystem.cat_file(f"{bucket}/index/CURRENT").decode().strip()
     assert f"index version {version}" in logs
     logs += wait_for(ray_head, submit(ray_head, "retrieve_rerank", "--index", index, "--queries", queries, "--output", run, "--reranker", "none",
-                                      "--top-k", "10", "--storage.options", options))
+                                      "--top-k", "10", "--storage.options", options, runtime_env=with_keys))
     assert any(path.endswith(".parquet") for path in filesystem.find(f"{bucket}/run"))
-    logs += wait_for(ray_head, submit(ray_head, "evaluate", "--qrels", qrels, "--run", run, "--output", evaluation, "--storage.options", options))
+    logs += wait_for(ray_head, submit(ray_head, "evaluate", "--qrels", qrels, "--run", run, "--output", evaluation, "--storage.options", options,
+                                      runtime_env=with_keys))
     assert json.loads(filesystem.cat_file(f"{bucket}/evaluation.json"))["runs"]
-    assert "testing-secret-value" not in logs and "***" in logs  # the effective config shows the options, secrets hidden
+    assert "testing-secret-value" not in logs and f"endpoint_url: {endpoint}" in logs  # the effective config shows the options
