@@ -110,7 +110,9 @@ def test_damaged_corpus_gives_the_expected_counts_and_quarantine(damaged_corpus_
     assert manifest["model"]["dimension"] == 32 and manifest["model"]["metric"] == "inner_product"
     assert index_store.current_version_id(root) == summary["version_id"] == manifest["version_id"]
     summary_file = json.loads((damaged_corpus_index.root / "versions" / summary["version_id"] / "summary.json").read_text())
-    assert summary_file == {key: value for key, value in summary.items() if key != "index"}
+    # summary.json is written with the manifest, before CURRENT moves: the publish outcome is the job's alone.
+    assert summary_file == {key: value for key, value in summary.items() if key not in ("index", "published", "superseded_by")}
+    assert summary["published"] is True
 
 
 def test_every_document_is_found_by_its_own_vector(damaged_corpus_index, damaged_corpus, tiny_bi_encoder):
