@@ -170,9 +170,12 @@ class TextEncoder:
 
         if threads:
             torch.set_num_threads(threads)
+        gpu_refused = f"{quantized_url}: this index's documents were embedded by this int8 CPU model; queries must be too: run the query encoder on CPU"
+        if quantized_url and device.startswith("cuda"):  # before looking for the GPU asked for
+            raise ValueError(gpu_refused)
         self.device = choose_device(device)
-        if quantized_url and self.device.startswith("cuda"):
-            raise ValueError(f"{quantized_url}: this index's documents were embedded by this int8 CPU model; queries must be too: run the query encoder on CPU")
+        if quantized_url and self.device.startswith("cuda"):  # auto found one
+            raise ValueError(gpu_refused)
         self.precision = resolve_precision(config.precision, self.device, int8=bool(quantized_url))
         self.config = config
         self.batch_size = config.batch_size or (GPU_BATCH_SIZE if self.device.startswith("cuda") else CPU_BATCH_SIZE)
