@@ -55,6 +55,9 @@ class IndexConfig:
                           "budget needs a smaller code"},
     )
     seed: int = 1234
+    retrain: bool = field(default=False, metadata={
+        "help": "train the index anew even when the version CURRENT names has a trained quantizer this build could reuse (same model, "
+                "factory, re-scoring code and shard layout, no drift: pipelines.incremental_index); its unchanged shards are then filled anew too"})
 
     def validate(self) -> None:
         from pipelines.config import require_at_least

@@ -13,7 +13,8 @@ Layout under an index root URL::
                                      named by their content's hash, shared by versions (an unchanged shard in a
                                      rebuild references the existing file)
     versions/<version id>/
-        trained.faiss                the trained, empty index every shard was filled from
+        trained.faiss                the trained, empty index every shard was filled from (a copy of the previous
+                                     version's when an incremental build reused it: pipelines.incremental_index)
         rescoring.faiss              with re-scoring code sq8 / sq6 only: the trained, empty faiss
                                      IndexScalarQuantizer that encoded every shard's re-scoring codes
         shard-00000.faiss            one faiss file per shard (ids = global document positions)

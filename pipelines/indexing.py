@@ -3,8 +3,9 @@
 Stages, in order (each in its own module):
 1. documents: read and validate every row in Ray tasks; find duplicate ids;
 2. embedding: embed only the documents whose (id, text_hash) the embedding store lacks;
-3. index_building: choose parameters, train once, fill shards in parallel; then sparse_index (BM25
-   shards) and document_store (the texts by position, for reranking), unchanged files reused;
+3. index_building: choose parameters, train once, fill shards in parallel (incremental_index: the trained quantizer
+   and the unchanged shards of the version CURRENT names are reused unless the vectors drifted or --faiss.retrain);
+   then sparse_index (BM25 shards) and document_store (the texts by position, for reranking), unchanged files reused;
 4. index_store: write doc ids, quarantine, summary, then the manifest last, then move CURRENT.
 
 The whole job runs under the index root's writer lease (pipelines.index_lease): a second writer waits up to
@@ -51,6 +52,7 @@ from pipelines.index_building import (
     shard_ranges,
     version_fingerprint,
 )
+from pipelines.incremental_index import plan_incremental, reuse_into
 from pipelines.models import check_model_reference, resolve_precision
 from pipelines.quantization import int8_available
 from pipelines.sparse_index import Bm25Config, build_sparse_shards
@@ -235,7 +237,8 @@ def _build_index(config: BuildIndexConfig, corpus_url: str, index_url: str, leas
     embedding = embed_missing(corpus, documents, config, index_url)
 
     # 3. Index parameters, and the version they and the documents name (index_building).
-    located = locate_vectors(documents.select(["position", "id", "text_hash"]), embedding.store.keys())
+    stored = embedding.store.keys()
+    located = locate_vectors(documents.select(["position", "id", "text_hash"]), stored)
     dimension = _stored_dimension(located["part"][0].as_py())
     plan = choose_index_parameters(documents.num_rows, dimension, config.faiss)
     model_settings = {"model": config.embedding.model, "normalize": config.embedding.normalize, "max_seq_length": config.embedding.max_seq_length, "key": model_key(config.embedding, embedding.quantized)}
@@ -247,7 +250,10 @@ def _build_index(config: BuildIndexConfig, corpus_url: str, index_url: str, leas
     identity = {**model_settings, **({"sparse": sparse_settings} if sparse_settings else {}), "documents_store": DOCUMENT_STORE_FORMAT}
     version_id = version_fingerprint(documents, plan, identity)
     folder = index_store.version_url(index_url, version_id)
-    if storage.exists(storage.join_url(folder, "manifest.json")):
+
+    def already_complete() -> dict[str, Any] | None:
+        if not storage.exists(storage.join_url(folder, "manifest.json")):
+            return None
         print(f"version {version_id} is already complete; nothing to rebuild")
         published = publish_version(index_url, started_from, version_id, lease) if config.publish else {"published": False}
         # summary.json describes the run that built the version; the rerun reports its own work.
@@ -255,14 +261,34 @@ def _build_index(config: BuildIndexConfig, corpus_url: str, index_url: str, leas
         unchanged = started_from == version_id  # CURRENT already named this version: the snapshot changed nothing
         return {**built, **embedding.summary(), "read_seconds": round(read_seconds, 2), "index_seconds": 0.0, "wall_seconds": round(time.perf_counter() - started, 2),
                 **published, "unchanged": unchanged, **({"exit_status": config.unchanged_status} if unchanged else {})}
+
+    complete = already_complete()  # a version of these inputs that trained its own quantizer
+    if complete is not None:
+        return complete
+    # What the version CURRENT named at the start can give: its trained quantizer (unless it drifted) and unchanged
+    # shards (incremental_index). Reusing a quantizer makes the id name it too: the same CURRENT, the same id.
+    incremental_started = time.perf_counter()
+    incremental = plan_incremental(index_url, started_from, documents, located, stored, plan, dimension, model_settings["key"], config.faiss.retrain)
+    incremental_seconds = time.perf_counter() - incremental_started
+    del stored
+    print(f"incremental: trained quantizer {'reused' if incremental.reused else 'trained'} ({incremental.reason}); "
+          f"{len(incremental.shards)} unchanged shard(s) to copy")
+    if incremental.identity():
+        version_id = version_fingerprint(documents, plan, {**identity, **incremental.identity()})
+        folder = index_store.version_url(index_url, version_id)
+        complete = already_complete()
+        if complete is not None:
+            return complete
     print(f"building version {version_id}: {plan.factory}, {plan.shards} shard(s), nprobe {plan.nprobe}, re-scoring code {plan.rescoring_code}")
 
-    # 4. Quarantine (rewritten whole on a rerun) and shards (finished ones reused).
+    # 4. Quarantine (rewritten whole on a rerun) and shards (finished ones reused, unchanged ones copied).
     quarantine_url = storage.join_url(folder, "quarantine")
     quarantined = corpus.write_quarantine(quarantine_url)
     index_started = time.perf_counter()
+    reuse_into(incremental, index_url, folder)
     shards = build_shards(located, plan, dimension, folder, index_url)
-    index_seconds = time.perf_counter() - index_started
+    index_seconds = time.perf_counter() - index_started + incremental_seconds
+    trained_sha256 = index_store.file_sha256(storage.join_url(folder, "trained.faiss"))
     sparse, sparse_seconds = None, 0.0
     if config.sparse:
         sparse_started = time.perf_counter()
@@ -295,6 +321,7 @@ def _build_index(config: BuildIndexConfig, corpus_url: str, index_url: str, leas
         "documents_store_seconds": round(store_seconds, 2),
         "documents_store_bytes": sum(entry["bytes"] for entry in documents_store["files"]),
         "documents_store_files_reused": sum(entry["reused"] for entry in documents_store["files"]),
+        "incremental": incremental.summary(len(shards)),  # trained quantizer reused or retrained (why, drift figures), shards copied / filled
         "wall_seconds": round(time.perf_counter() - started, 2),
     }
     manifest = index_store.Manifest(
@@ -304,7 +331,9 @@ def _build_index(config: BuildIndexConfig, corpus_url: str, index_url: str, leas
         model={**model_settings, "dimension": dimension, "metric": "inner_product"},
         documents=config_to_dict(config.documents),
         index={"factory": plan.factory, "nprobe": plan.nprobe, "training_sample": plan.training_sample, "seed": plan.seed, "trained_file": "trained.faiss",
-               "rescoring_code": plan.rescoring_code},
+               "rescoring_code": plan.rescoring_code, "trained_sha256": trained_sha256,
+               # the version whose build trained trained.faiss, when this one reused it (incremental_index)
+               **({"trained_in_version": incremental.trained_in_version} if incremental.trained is not None else {})},
         shards=shards,
         counts={"documents_read": corpus.rows_read, "quarantined": quarantined, "indexed": documents.num_rows},
         corpus={"url": config.corpus, "files": corpus.files},
@@ -346,6 +375,17 @@ def summary_table(summary: dict[str, Any]) -> str:
         ("BM25", f"{summary['sparse_bytes']:,} bytes, {summary['sparse_seconds']} s, {summary['sparse_shards_reused']} shard(s) reused" if summary.get("sparse") else "off"),
         ("document store", (f"{summary.get('documents_store_bytes', 0):,} bytes, {summary.get('documents_store_seconds', 0.0)} s, "
                             f"{summary.get('documents_store_files_reused', 0)} file(s) reused")),
+        ("incremental", incremental_cell(summary.get("incremental"))),
         ("wall time (s)", float(summary["wall_seconds"])),
     ]
     return format_table(rows, title=f"index version {summary['version_id']}")
+
+
+def incremental_cell(incremental: dict[str, Any] | None) -> str:
+    """The summary table's line on what the build reused of the previous version (versions built before it: -)."""
+    if not incremental:
+        return "-"
+    drift = incremental.get("drift") or {}
+    figure = f", drift {drift['ratio']}" if drift.get("ratio") is not None else ""
+    return (f"quantizer {incremental['trained']}{figure}, {incremental['shards_reused']} shard(s) copied, {incremental['shards_filled']} filled "
+            f"(from {incremental['previous_version'] or '-'})")
