@@ -211,7 +211,7 @@ def write_demo_report(workdir: str, run_name: str, index_url: str, index_summary
         sections += [run_report.Section(f"Reranker training: {section.heading}", section.plots, section.headers, section.rows, section.notes)
                      for section in run_report.training_sections(training_report)]
     sections += run_report.query_sections(query_summary, evaluation)
-    html_url, images_url = run_report.report_paths(os.path.join(workdir, "demo_report.json"))
+    html_url, images_url = os.path.join(workdir, "demo_report.html"), os.path.join(workdir, "demo_report")
     for section in sections:  # one folder of PNGs for the page: names unique across the jobs
         for plot in section.plots:
             plot.name = f"{section.heading.split(':')[0].lower().replace(' ', '_')}-{plot.name}"

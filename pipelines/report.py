@@ -191,7 +191,9 @@ def index_sections(summary: dict[str, Any], manifest: dict[str, Any], quarantine
     left.set(title=f"Time per stage (job: {summary.get('wall_seconds', 0):,.0f} s)", xlabel="seconds")
     left.legend()
     right.barh([row[0] for row in rows][::-1], [row[2] for row in rows][::-1], color="#55A868", label="documents per second")
-    right.set(title="Throughput per stage", xlabel="documents / s")
+    right.set(title="Throughput per stage", xlabel="documents / s (log scale: stages differ by orders of magnitude)")
+    if any(row[2] > 0 for row in rows):
+        right.set_xscale("log")
     right.legend()
     sections.append(Section("Time and throughput", [Plot("throughput", "Wall time and documents per second of each stage", render(figure))],
                             ["stage", "seconds", "documents/s"], rows))
