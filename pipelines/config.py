@@ -223,16 +223,16 @@ def require_at_least(config: Any, minimums: dict[str, float]) -> None:
 def config_to_dict(config: Any) -> dict[str, Any]:
     """The configuration as plain nested dicts (for printing, manifests and cache keys), storage secrets hidden.
 
-    ``storage.options`` appears parsed, each secret-looking value (key, secret, token, ...) as ``***``."""
+    A :class:`~pipelines.storage.StorageConfig` appears with its options parsed, each secret-looking value
+    (key, secret, token, ...) as ``***``."""
+    import copy
+
     from pipelines import storage
 
-    values = dataclasses.asdict(config)
-    for holder in (values, *(value for value in values.values() if isinstance(value, dict))):
-        if isinstance(holder.get("storage"), dict) and "options" in holder["storage"]:
-            holder["storage"] = {**holder["storage"], "options": storage.redacted(storage.parse_options(holder["storage"]["options"]))}
-    if set(values) == {"options"} and isinstance(config, storage.StorageConfig):
-        values["options"] = storage.redacted(storage.parse_options(values["options"]))
-    return values
+    if isinstance(config, storage.StorageConfig):
+        return {"options": storage.redacted(config.parsed())}
+    return {field.name: config_to_dict(value) if dataclasses.is_dataclass(value) else copy.deepcopy(value)
+            for field in dataclasses.fields(config) for value in (getattr(config, field.name),)}
 
 
 def format_config(config: Any) -> str:
