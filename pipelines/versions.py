@@ -45,6 +45,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pipelines import index_store, storage
+from pipelines.index_lease import read_current
 from pipelines.index_store import IndexValidationError
 
 HISTORY_FOLDER = "history"
@@ -276,13 +277,6 @@ def read_history(root: str) -> list[dict[str, Any]]:
     return entries
 
 
-def _current_or_none(root: str) -> str | None:
-    try:
-        return index_store.current_version_id(root)
-    except IndexValidationError:
-        return None
-
-
 def record_publish(root: str, version_id: str, previous: str | None, reason: str = "build", now: datetime.datetime | None = None) -> bool:
     """Append a ``history/`` entry: CURRENT moved from ``previous`` to ``version_id`` (nothing when they are equal).
 
@@ -314,7 +308,7 @@ def publish(root: str, version_id: str, reason: str = "build", now: datetime.dat
     """
     if not storage.exists(storage.join_url(index_store.version_url(root, version_id), "manifest.json")):
         raise VersionsError(f"{index_store.version_url(root, version_id)}: no manifest.json; the version is unfinished")
-    previous = _current_or_none(root)
+    previous = read_current(root)
     if lease is not None:
         from pipelines import index_lease
 
@@ -406,7 +400,7 @@ def _describe(manifest: dict[str, Any], info: VersionInfo) -> None:
 def scan_versions(root: str, now: datetime.datetime | None = None) -> tuple[list[VersionInfo], list[VersionInfo]]:
     """(finished versions oldest first, unfinished version folders oldest first) under the root."""
     now_seconds = (now or utc_now()).timestamp()
-    current = _current_or_none(root)
+    current = read_current(root)
     pins = read_pins(root)
     finished, unfinished = [], []
     for version_id in _subfolders(root, "versions"):
@@ -437,7 +431,7 @@ def version_summary(root: str, version_id: str | None = None) -> dict[str, Any]:
     """One version (CURRENT by default): its row, manifest, summary.json, pin record and history entries."""
     version_id = version_id or index_store.current_version_id(root)
     manifest = index_store.read_manifest(root, version_id)
-    info = VersionInfo(version_id=version_id, finished=True, current=version_id == _current_or_none(root))
+    info = VersionInfo(version_id=version_id, finished=True, current=version_id == read_current(root))
     _describe(manifest, info)
     pins = read_pins(root)
     info.pinned = version_id in pins
@@ -480,7 +474,7 @@ def validate_version(root: str, version_id: str) -> dict[str, Any]:
 def rollback(root: str, version_id: str, now: datetime.datetime | None = None, lease: Any = None) -> dict[str, Any]:
     """Validate a version and point CURRENT at it (recorded in history); returns what happened."""
     manifest = validate_version(root, version_id)
-    previous = _current_or_none(root)
+    previous = read_current(root)
     moved = publish(root, version_id, reason="rollback", now=now, lease=lease)
     return {"version_id": version_id, "previous": previous, "moved": moved, "created_at": manifest.get("created_at")}
 
@@ -559,7 +553,7 @@ def plan_prune(root: str, keep: int, older_than: str | None = None, grace: str =
     older_seconds = parse_duration(older_than).total_seconds() if older_than else None
     plan = PrunePlan(root=root, keep=keep, older_than=older_than, grace=grace, dry_run=dry_run)
     finished, unfinished = scan_versions(root, now)
-    current = _current_or_none(root)
+    current = read_current(root)
     pins = read_pins(root)
     ends = superseded_times(root, [info.version_id for info in finished], current)
     newest = {info.version_id for info in finished[-keep:]}
