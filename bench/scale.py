@@ -317,6 +317,50 @@ def folder_bytes(path: Path | str) -> int:
     return sum(file_sizes(path).values())
 
 
+STEADY_FROM = 0.25  # the steady state of a query stage: from the moment a quarter of its queries were written
+
+
+def steady_state_rate(parts: Sequence[tuple[float, int]], start_fraction: float = STEADY_FROM) -> float | None:
+    """Queries per second once the stage is under way: ``parts`` are (time written, queries) of its output parts; the
+    rate is the queries written after the part that took the total past ``start_fraction`` divided by the time from
+    that part to the last one. Start-up (Ray workers, models and shards loading, the pipeline filling) is left out, as
+    the issue's "steady state" asks. ``None`` when fewer than two parts follow that point.
+
+    Example:
+        >>> steady_state_rate([(10.0, 100), (11.0, 100), (12.0, 100), (13.0, 100)])
+        100.0
+    """
+    ordered = sorted(parts)
+    total = sum(count for _, count in ordered)
+    written, start = 0, None
+    for number, (_, count) in enumerate(ordered):
+        written += count
+        if written >= start_fraction * total:
+            start = number
+            break
+    if start is None or len(ordered) - start < 2 or ordered[-1][0] <= ordered[start][0]:
+        return None
+    return sum(count for _, count in ordered[start + 1 :]) / (ordered[-1][0] - ordered[start][0])
+
+
+def format_rate(queries_per_s: float | None) -> str:
+    return "-" if queries_per_s is None else f"{queries_per_s:,.0f} queries/s"
+
+
+def query_parts(folder: Path) -> list[tuple[float, int]]:
+    """(modification time, queries) of each Parquet part the query job committed in ``folder`` (queries from the part's
+    ``query_ids`` metadata, which names queries without rows too)."""
+    import pyarrow.parquet as pq
+
+    from pipelines.retrieval import QUERY_IDS_METADATA
+
+    parts = []
+    for path in sorted(Path(folder).rglob("*.parquet")):
+        metadata = pq.read_schema(path).metadata or {}
+        parts.append((path.stat().st_mtime, len(json.loads(metadata[QUERY_IDS_METADATA])) if QUERY_IDS_METADATA in metadata else pq.read_metadata(path).num_rows))
+    return parts
+
+
 def file_sizes(folder: Path | str | None) -> dict[str, int]:
     """Size of every file under a folder, by path (empty if there is none)."""
     sizes: dict[str, int] = {}
@@ -629,7 +673,9 @@ def run_size(arguments, docs: int, workdir: Path, models: tuple[str, str], queri
     with StageMonitor("first_stage", queries, written=[first_output], spill_folder=spill) as monitor:
         first_summary = retrieve_and_rerank(first_config)
     stages["first_stage"] = monitor.result
-    print(f"  first stage: {queries:,} queries in {monitor.result.wall_s:.1f} s = {monitor.result.rows_per_s:,.0f} queries/s", flush=True)
+    monitor.result.extra = {"steady_queries_per_s": steady_state_rate(query_parts(first_output))}
+    print(f"  first stage: {queries:,} queries in {monitor.result.wall_s:.1f} s = {monitor.result.rows_per_s:,.0f} queries/s; "
+          f"steady state {format_rate(monitor.result.extra['steady_queries_per_s'])}", flush=True)
     print(f"    {flatness_line(monitor.result)}", flush=True)
 
     # 2b. The dense half alone (hybrid index): what the BM25 half costs.
@@ -640,7 +686,9 @@ def run_size(arguments, docs: int, workdir: Path, models: tuple[str, str], queri
         with StageMonitor("first_stage_dense", queries, written=[dense_output], spill_folder=spill) as monitor:
             retrieve_and_rerank(dense_config)
         stages["first_stage_dense"] = monitor.result
-        print(f"  first stage, dense only: {queries:,} queries in {monitor.result.wall_s:.1f} s = {monitor.result.rows_per_s:,.0f} queries/s", flush=True)
+        monitor.result.extra = {"steady_queries_per_s": steady_state_rate(query_parts(dense_output))}
+        print(f"  first stage, dense only: {queries:,} queries in {monitor.result.wall_s:.1f} s = {monitor.result.rows_per_s:,.0f} queries/s; "
+              f"steady state {format_rate(monitor.result.extra['steady_queries_per_s'])}", flush=True)
         print(f"    {flatness_line(monitor.result)}", flush=True)
 
     # 3. Reranking on a subset of the queries.
@@ -977,6 +1025,7 @@ STAGE_COLUMNS = [
     ("rows", "rows", ",d"),
     ("wall_s", "wall s", ".1f"),
     ("rows_per_s", "rows/s", ",.1f"),
+    ("steady_rows_per_s", "steady rows/s", ",.0f"),
     ("driver_peak_rss_mib", "driver peak RSS MiB", ",.0f"),
     ("worker_peak_rss_mib", "largest worker peak RSS MiB", ",.0f"),
     ("worker_peak_role", "largest worker", ""),
@@ -1018,7 +1067,7 @@ def flatness_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def stage_rows(run: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for name, stage in run["stages"].items():
-        rows.append({**stage, "stage": name, "driver_peak_rss_mib": stage["driver_peak_rss_bytes"] / MIB, "worker_peak_rss_mib": stage["worker_peak_rss_bytes"] / MIB or None,
+        rows.append({**stage, "stage": name, "steady_rows_per_s": stage["extra"].get("steady_queries_per_s"), "driver_peak_rss_mib": stage["driver_peak_rss_bytes"] / MIB, "worker_peak_rss_mib": stage["worker_peak_rss_bytes"] / MIB or None,
                      "spilled_mib": stage["spilled_bytes"] / MIB, "written_mib": stage["bytes_written"] / MIB})
     return rows
 

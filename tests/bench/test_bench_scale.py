@@ -204,3 +204,22 @@ def test_gpu_script_dry_run_runs_every_step_on_cpu(tmp_path):
         assert json.loads((tmp_path / name).read_text())["table"], name
     scale_run = json.loads((tmp_path / "scale-gpu.json").read_text())
     assert scale_run["arguments"]["model"] == "bundled" and scale_run["runs"][0]["docs"] == 300
+
+
+def test_the_steady_state_rate_leaves_out_the_start_up_and_reads_queries_from_part_metadata(tmp_path):
+    import pyarrow as pa
+
+    from bench.scale import query_parts, steady_state_rate
+    from pipelines.retrieval import QUERY_IDS_METADATA
+
+    # 30 s of start-up before the first part, then 100 queries a second: the overall rate is far lower, the steady one is 100.
+    parts = [(30.0 + second, 100) for second in range(20)]
+    assert steady_state_rate(parts) == pytest.approx(100.0)
+    assert steady_state_rate(list(reversed(parts))) == pytest.approx(100.0)  # order of listing does not matter
+    assert steady_state_rate([(1.0, 10)]) is None and steady_state_rate([]) is None
+    for number, (written, queries) in enumerate(parts[:3]):
+        table = pa.table({"query_id": ["q"] * (queries - 1)}).replace_schema_metadata({QUERY_IDS_METADATA: json.dumps([f"q{i}" for i in range(queries)]).encode()})
+        path = tmp_path / f"part-{number}.parquet"
+        pq.write_table(table, path)
+        os.utime(path, (written, written))
+    assert query_parts(tmp_path) == [(30.0, 100), (31.0, 100), (32.0, 100)]
