@@ -637,6 +637,8 @@ class StageMonitor:
                 key = (process.pid, process.create_time())
             except psutil.Error:
                 continue
+            if rss == 0:  # exited, not yet reaped (a zombie): no memory, not a live process
+                continue
             role = sys.intern(_process_role(process))  # a Ray worker's title changes (ray::IDLE, then its task's): read each sample
             snapshot[key] = (role, rss)
             total += rss
