@@ -31,8 +31,9 @@ Ray worker's peak RSS (the ``ray::...`` processes among this process's descendan
 object-store pages a worker has mapped), object-store bytes spilled during the stage (the raylet's
 ``spilled_bytes_total``), and bytes written (the folders the stage wrote). Memory over time too: per
 sample (seconds, driver RSS, largest worker RSS, tree RSS), at most 600 points a stage, in the JSON
-and in ``<output stem>-memory-<docs>-<stage>.csv`` beside it, with a steady-state flatness figure
-(:func:`memory_flatness`; a table for the first-stage stages). With two or more
+and in ``<output stem>-memory-<docs>-<stage>.csv`` beside it, each process's RSS at those points in
+``...-<stage>-processes.csv``, with a verdict on whether memory stays flat, judged process by process
+(:func:`memory_flatness`, :func:`process_flatness`; a table for the first-stage stages). With two or more
 ``--sizes``, the scaling exponent k of each stage (wall time proportional to N^k) between the
 smallest and the largest size.
 
@@ -54,17 +55,20 @@ chunk while the vectors are generated; its queries/s is the flat baseline).
 from __future__ import annotations
 
 import argparse
+import csv
 import datetime
 import gc
+import io
 import json
 import math
 import os
 import re
 import shutil
+import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
@@ -91,7 +95,15 @@ TOP_K = 100
 STAGES = ("plain_encode", "build_index", "first_stage", "first_stage_dense", "rerank")  # first_stage_dense: with --sparse on
 MEMORY_POINTS = 600  # most points a stage's memory series keeps (an hours-long stage still gives a small JSON and CSV)
 MEMORY_COLUMNS = ("seconds", "driver_rss_mib", "largest_worker_rss_mib", "tree_rss_mib")
-FLAT_GROWTH_RATIO, FLAT_GROWTH_MIB = 0.05, 100.0  # "flat": the tree's steady-state median grew by under 5% and under 100 MiB
+FLAT_GROWTH_RATIO, FLAT_GROWTH_MIB = 0.05, 100.0  # the tree rule (reported, not deciding): the tree's steady-state median grew under 5% and 100 MiB
+# The per-process rule (process_flatness), which decides the verdict:
+PROCESS_GROWTH_RATIO, PROCESS_GROWTH_MIB = 0.05, 100.0  # each persistent process: median grew under 5% and under 100 MiB
+PERSISTENT_GROWTH_MIB = 100.0  # the persistent processes together: medians grew under 100 MiB in all
+PROCESS_COUNT_ALLOWANCE = 1  # live processes: the last quarter's median count at most this many above the second quarter's
+PERSISTENT_LAST_QUARTER_SHARE = 0.5  # a persistent process may end in the last quarter (Ray Data tears its actor pools down) if seen in half its samples
+REASONS_SHOWN = 5  # a "growing" verdict names at most this many processes over the limit
+PROCESS_COLUMNS = ("seconds", "pid", "name", "rss_mib", "create_time")  # the per-process CSV, one row per process and point
+ProcessKey = tuple[int, float]  # (pid, create time): a process's identity; a reused pid is another process
 
 
 def default_output() -> str:
@@ -398,12 +410,19 @@ class StageResult:
     bytes_written: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
     memory_series: dict[str, list[float]] = field(default_factory=dict)  # MEMORY_COLUMNS -> values (seconds since the start, MiB)
-    memory_flatness: dict[str, Any] = field(default_factory=dict)  # memory_flatness(): steady-state growth, slope, verdict
+    memory_flatness: dict[str, Any] = field(default_factory=dict)  # memory_flatness(): per-process verdict, steady-state growth, slope
+    # Per point of memory_series: {(pid, create time): (name, RSS MiB)} of every process of the tree; the CSV beside, not the JSON.
+    process_series: list[dict[ProcessKey, tuple[str, float]]] = field(default_factory=list, repr=False)
+
+    def to_json(self) -> dict[str, Any]:
+        """The fields for the JSON: all but ``process_series`` (written to its own CSV, :func:`write_process_csv`)."""
+        return {name: value for name, value in self.__dict__.items() if name != "process_series"}
 
 
 class MemorySeries:
     """A bounded series of samples, evenly spaced in time: every ``stride``-th sample is kept; when ``limit`` are held, every
-    other one is dropped and the stride doubles. ``points()``: at most ``limit``, the latest sample always last."""
+    other one is dropped and the stride doubles. ``points()``: at most ``limit``, the latest sample always last. A point is any
+    tuple (StageMonitor's: seconds, driver, largest worker and tree RSS, then the per-process snapshot)."""
 
     def __init__(self, limit: int = MEMORY_POINTS):
         if limit < 2:
@@ -411,10 +430,10 @@ class MemorySeries:
         self.limit = limit
         self.stride = 1
         self.samples = 0
-        self._kept: list[tuple[float, ...]] = []
-        self._latest: tuple[float, ...] | None = None
+        self._kept: list[tuple] = []
+        self._latest: tuple | None = None
 
-    def add(self, point: tuple[float, ...]) -> None:
+    def add(self, point: tuple) -> None:
         if self.samples % self.stride == 0:
             self._kept.append(point)
             if len(self._kept) >= self.limit:  # kept: samples 0, s, 2s, ...; now 0, 2s, 4s, ...
@@ -423,10 +442,19 @@ class MemorySeries:
         self.samples += 1
         self._latest = point
 
-    def points(self) -> list[tuple[float, ...]]:
+    def points(self) -> list[tuple]:
         if self._latest is None:
             return []
         return list(self._kept) if self._kept[-1] is self._latest else [*self._kept, self._latest]
+
+
+def quarters(seconds: Sequence[float]) -> np.ndarray | None:
+    """Which quarter of the stage's time each sample falls in (0: start-up, 1: second, 2: third, 3: last; the last sample is
+    in quarter 3), or ``None`` when the samples span no time (fewer than two, or all at one time)."""
+    times = np.asarray(seconds, dtype=float)
+    if len(times) < 2 or times[-1] <= times[0]:
+        return None
+    return np.minimum(np.floor((times - times[0]) / (times[-1] - times[0]) * 4), 3).astype(int)
 
 
 def steady_state_growth(seconds: Sequence[float], values: Sequence[float]) -> dict[str, float | None]:
@@ -438,42 +466,114 @@ def steady_state_growth(seconds: Sequence[float], values: Sequence[float]) -> di
     if times.shape != series.shape or times.ndim != 1:
         raise ValueError(f"seconds and values must be 1-d and of one length, got shapes {times.shape} and {series.shape}")
     figures: dict[str, float | None] = dict.fromkeys(("second_quarter_median_mib", "last_quarter_median_mib", "growth_mib", "growth_ratio", "slope_mib_per_min"))
-    if len(times) < 2 or times[-1] <= times[0]:
+    quarter = quarters(times)
+    if quarter is None:
         return figures
-    position = (times - times[0]) / (times[-1] - times[0])
-    second, last = series[(position >= 0.25) & (position < 0.5)], series[position >= 0.75]
+    second, last = series[quarter == 1], series[quarter == 3]
     if len(second) and len(last):
         before, after = float(np.median(second)), float(np.median(last))
         figures.update(second_quarter_median_mib=before, last_quarter_median_mib=after, growth_mib=after - before,
                        growth_ratio=after / before if before > 0 else None)
-    half = position >= 0.5
+    half = quarter >= 2
     if np.unique(times[half]).size >= 2:
         figures["slope_mib_per_min"] = float(np.polyfit(times[half], series[half], 1)[0]) * 60
     return figures
 
 
-def memory_flatness(series: dict[str, Sequence[float]]) -> dict[str, Any]:
-    """Steady-state growth (:func:`steady_state_growth`) of the driver, the largest Ray worker and the whole tree, and a verdict.
+def process_flatness(seconds: Sequence[float], processes: Sequence[Mapping[ProcessKey, tuple[str, float]]]) -> dict[str, Any]:
+    """Whether memory stays flat, judged process by process: the verdict of :func:`memory_flatness`.
 
-    Rule: ``flat`` when the tree's median grew by under 5% and under 100 MiB from the second quarter of the run to the last
-    (a drop is flat too), ``growing`` otherwise, ``too short`` when the stage has too few samples to tell. MiB are rounded
-    to 0.1, ratios to 0.001, slopes to 0.01 MiB/minute."""
+    ``processes[i]``: every process of the tree alive at sample ``i`` (taken at ``seconds[i]``), keyed by (pid, create time),
+    so a pid reused by a new process is another process, with its name and RSS in MiB. Summing them gives the tree, which
+    swings as Ray Data starts and ends task processes; a leak shows in a process that lives through the run, or as more and
+    more processes.
+
+    Rule. Quarters of the stage's time as :func:`quarters`; the first is start-up, left out. *Persistent* processes: present
+    in every sample of the second and third quarters and in at least PERSISTENT_LAST_QUARTER_SHARE (half) of the last
+    quarter's samples (the driver is one; an actor pool torn down as the stage ends still counts). Growth of one: its median
+    RSS over the last quarter (the samples it is in) minus its median over the second quarter. ``flat`` when
+
+    * each persistent process grew by under PROCESS_GROWTH_RATIO (5%) and under PROCESS_GROWTH_MIB (100 MiB),
+    * the persistent processes' growths sum to under PERSISTENT_GROWTH_MIB (100 MiB), and
+    * the median number of live processes over the last quarter is at most PROCESS_COUNT_ALLOWANCE (1) above the median
+      over the second quarter (a leak of whole processes);
+
+    ``growing`` otherwise (``reasons`` says which), ``too short`` when the second or the last quarter holds no sample. A
+    drop is flat. MiB are rounded to 0.1, ratios to 0.001."""
+    if len(processes) != len(seconds):
+        raise ValueError(f"one process snapshot per sample: {len(seconds)} samples, {len(processes)} snapshots")
+    figures: dict[str, Any] = {"verdict": "too short", "reasons": [], "persistent": None, "persistent_growth_mib": None, "largest_growth": None, "over_limit": None,
+                               "second_quarter_median_count": None, "last_quarter_median_count": None}
+    quarter = quarters(seconds)
+    if quarter is None or not (quarter == 1).any() or not (quarter == 3).any():
+        return figures
+    second, through, last = np.flatnonzero(quarter == 1), np.flatnonzero((quarter == 1) | (quarter == 2)), np.flatnonzero(quarter == 3)
+    keys = set(processes[through[0]]).intersection(*(processes[index] for index in through[1:]))
+    growths = []  # (growth MiB, ratio or None, key, median before, median after), unrounded
+    for key in keys:
+        present = [index for index in last if key in processes[index]]
+        if len(present) < PERSISTENT_LAST_QUARTER_SHARE * len(last):
+            continue
+        before = float(np.median([processes[index][key][1] for index in second]))
+        after = float(np.median([processes[index][key][1] for index in present]))
+        growths.append((after - before, after / before if before > 0 else None, key, before, after, processes[present[-1]][key][0]))
+    growths.sort(key=lambda growth: (-growth[0], growth[2]))
+
+    def described(growth: tuple) -> dict[str, Any]:
+        mib, ratio, key, before, after, name = growth
+        return {"name": name, "pid": key[0], "growth_mib": round(mib, 1), "growth_ratio": None if ratio is None else round(ratio, 3),
+                "second_quarter_median_mib": round(before, 1), "last_quarter_median_mib": round(after, 1)}
+
+    over = [described(growth) for growth in growths if growth[0] >= PROCESS_GROWTH_MIB or (growth[1] is not None and growth[1] >= 1 + PROCESS_GROWTH_RATIO)]
+    reasons = [f"{growth['name']} (pid {growth['pid']}) {growth['growth_mib']:+,.1f} MiB"
+               + ("" if growth["growth_ratio"] is None else f" ({(growth['growth_ratio'] - 1) * 100:+.1f}%)") for growth in over[:REASONS_SHOWN]]
+    if len(over) > REASONS_SHOWN:
+        reasons.append(f"{len(over) - REASONS_SHOWN} more processes over the limit")
+    total = sum(growth[0] for growth in growths)
+    if total >= PERSISTENT_GROWTH_MIB:
+        reasons.append(f"persistent processes together {total:+,.1f} MiB")
+    counts = np.array([len(snapshot) for snapshot in processes])
+    count_before, count_after = float(np.median(counts[second])), float(np.median(counts[last]))
+    if count_after > count_before + PROCESS_COUNT_ALLOWANCE:
+        reasons.append(f"live processes {count_before:g} -> {count_after:g}")
+    figures.update(verdict="growing" if reasons else "flat", reasons=reasons, persistent=len(growths), persistent_growth_mib=round(total, 1),
+                   largest_growth=described(growths[0]) if growths else None, over_limit=len(over),
+                   second_quarter_median_count=count_before, last_quarter_median_count=count_after)
+    return figures
+
+
+PROCESS_RULE = (f"flat: each process present from the second quarter on grew (median RSS, last quarter vs second) under {PROCESS_GROWTH_RATIO:.0%} "
+                f"and under {PROCESS_GROWTH_MIB:.0f} MiB, together under {PERSISTENT_GROWTH_MIB:.0f} MiB, and the median count of live processes "
+                f"grew by at most {PROCESS_COUNT_ALLOWANCE}")
+
+
+def memory_flatness(series: dict[str, Sequence[float]], processes: Sequence[Mapping[ProcessKey, tuple[str, float]]]) -> dict[str, Any]:
+    """The per-process verdict (:func:`process_flatness`, its figures under ``processes``), and as before the steady-state
+    growth (:func:`steady_state_growth`) of the driver, the largest Ray worker and the whole tree.
+
+    ``verdict``: the per-process rule's (``rule``). ``tree_verdict``: the former rule, reported but no longer deciding
+    (``tree_rule``: ``flat`` when the tree's median grew by under 5% and under 100 MiB from the second quarter to the last;
+    the tree swings as Ray Data starts and ends task processes). MiB are rounded to 0.1, ratios to 0.001, slopes to 0.01
+    MiB/minute."""
     seconds = series.get("seconds", [])
     figures = {name: steady_state_growth(seconds, series.get(f"{name}_rss_mib", [])) for name in ("driver", "largest_worker", "tree")}
     tree = figures["tree"]
     if tree["growth_mib"] is None:
-        verdict = "too short"
+        tree_verdict = "too short"
     else:
         ratio = tree["growth_ratio"]
-        verdict = "flat" if tree["growth_mib"] < FLAT_GROWTH_MIB and (ratio is None or ratio < 1 + FLAT_GROWTH_RATIO) else "growing"
+        tree_verdict = "flat" if tree["growth_mib"] < FLAT_GROWTH_MIB and (ratio is None or ratio < 1 + FLAT_GROWTH_RATIO) else "growing"
     digits = {"growth_ratio": 3, "slope_mib_per_min": 2}
     rounded = {name: {key: None if value is None else round(value, digits.get(key, 1)) for key, value in part.items()} for name, part in figures.items()}
-    return {**rounded, "samples": len(seconds), "verdict": verdict,
-            "rule": f"flat: tree RSS median over the last quarter under {1 + FLAT_GROWTH_RATIO:.2f}x and under {FLAT_GROWTH_MIB:.0f} MiB above the second quarter's"}
+    per_process = process_flatness(seconds, processes)
+    return {**rounded, "samples": len(seconds), "verdict": per_process.pop("verdict"), "rule": PROCESS_RULE, "processes": per_process,
+            "tree_verdict": tree_verdict,
+            "tree_rule": f"flat: tree RSS median over the last quarter under {1 + FLAT_GROWTH_RATIO:.2f}x and under {FLAT_GROWTH_MIB:.0f} MiB above the second quarter's"}
 
 
 def flatness_line(result: StageResult) -> str:
-    """One line for the log: steady-state growth of driver / largest worker / tree, the tree's slope, the verdict."""
+    """One line for the log: the per-process verdict and its figures, then the former tree figures (not deciding): steady-state
+    growth of driver / largest worker / tree, the tree's slope, the tree rule's verdict."""
     flatness = result.memory_flatness
     if not flatness:
         return "memory: no samples"
@@ -485,25 +585,53 @@ def flatness_line(result: StageResult) -> str:
         ratio = f" ({(part['growth_ratio'] - 1) * 100:+.1f}%)" if part["growth_ratio"] is not None else ""
         return f"{name.replace('_', ' ')} {part['growth_mib']:+,.1f} MiB{ratio}"
 
+    processes = flatness["processes"]
+    if processes["persistent"] is None:
+        per_process = "-"
+    else:
+        largest = processes["largest_growth"]
+        largest_text = "-" if largest is None else f"{largest['name']} {largest['growth_mib']:+,.1f} MiB"
+        per_process = (f"{processes['persistent']} persistent processes {processes['persistent_growth_mib']:+,.1f} MiB together, largest {largest_text}; "
+                       f"live processes {processes['second_quarter_median_count']:g} -> {processes['last_quarter_median_count']:g}")
+    reasons = f" ({'; '.join(processes['reasons'])})" if processes["reasons"] else ""
     slope = flatness["tree"]["slope_mib_per_min"]
     slope_text = f"{slope:+,.2f} MiB/min" if slope is not None else "-"
-    return (f"memory, last vs second quarter: {', '.join(growth(name) for name in ('driver', 'largest_worker', 'tree'))}; "
-            f"tree slope over the second half {slope_text}: {flatness['verdict']}")
+    return (f"memory, last vs second quarter, per process: {per_process}: {flatness['verdict']}{reasons}. "
+            f"Tree rule, not deciding: {', '.join(growth(name) for name in ('driver', 'largest_worker', 'tree'))}; "
+            f"tree slope over the second half {slope_text}: {flatness['tree_verdict']}")
 
 
-def memory_csv_path(output: str | Path, docs: int, stage: str) -> Path:
-    """Where a stage's memory series goes: beside the JSON, ``<its stem>-memory-<docs>-<stage>.csv`` (``scale-memory-...``)."""
+def memory_csv_path(output: str | Path, docs: int, stage: str, processes: bool = False) -> Path:
+    """Where a stage's memory series goes: beside the JSON, ``<its stem>-memory-<docs>-<stage>.csv`` (``scale-memory-...``);
+    its per-process series (``processes``): ``<its stem>-memory-<docs>-<stage>-processes.csv``."""
     output = Path(output)
-    return output.with_name(f"{output.stem}-memory-{docs}-{stage}.csv")
+    return output.with_name(f"{output.stem}-memory-{docs}-{stage}{'-processes' if processes else ''}.csv")
+
+
+def write_csv_atomically(path: str | Path, header: Sequence[str], rows) -> None:
+    """A CSV (``header``, then ``rows``; quoted where a value needs it), written under a temporary name and renamed."""
+    from pipelines import storage
+
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    storage.write_bytes_atomically(str(Path(path).resolve()), text.getvalue().encode())
 
 
 def write_memory_csv(path: str | Path, series: dict[str, list[float]]) -> None:
     """The series as CSV (a header of MEMORY_COLUMNS, one row per point), written under a temporary name and renamed."""
-    from pipelines import storage
+    write_csv_atomically(path, MEMORY_COLUMNS, zip(*(series.get(name, []) for name in MEMORY_COLUMNS), strict=True))
 
-    columns = [series.get(name, []) for name in MEMORY_COLUMNS]
-    lines = [",".join(MEMORY_COLUMNS), *(",".join(str(value) for value in row) for row in zip(*columns, strict=True))]
-    storage.write_bytes_atomically(str(Path(path).resolve()), ("\n".join(lines) + "\n").encode())
+
+def write_process_csv(path: str | Path, seconds: Sequence[float], processes: Sequence[Mapping[ProcessKey, tuple[str, float]]]) -> None:
+    """The per-process series in long format (PROCESS_COLUMNS: seconds, pid, name, RSS MiB, create time; one row per process
+    and point, by point then pid), written under a temporary name and renamed. pid and create time together name a process."""
+    if len(processes) != len(seconds):
+        raise ValueError(f"one process snapshot per sample: {len(seconds)} samples, {len(processes)} snapshots")
+    write_csv_atomically(path, PROCESS_COLUMNS, ((round(second, 1), pid, name, round(rss, 1), round(created, 2))
+                                                 for second, snapshot in zip(seconds, processes, strict=True)
+                                                 for (pid, created), (name, rss) in sorted(snapshot.items())))
 
 
 class StageMonitor:
@@ -511,9 +639,11 @@ class StageMonitor:
 
     ``with StageMonitor("build_index", rows, written=[folder]) as monitor: ...``, then ``monitor.result``.
     Memory is sampled every ``interval`` seconds (a peak shorter than that can be missed); besides the
-    peaks, each sample's (seconds since the start, driver RSS, largest Ray worker RSS, tree RSS) goes
-    into a :class:`MemorySeries` of at most ``memory_points`` points, in ``result.memory_series`` (MiB)
-    with its :func:`memory_flatness` in ``result.memory_flatness``: whether memory stays flat. Spilled
+    peaks, each sample's (seconds since the start, driver RSS, largest Ray worker RSS, tree RSS, and the
+    RSS of each process of the tree by (pid, create time) with its name: ``driver``, or the process title,
+    ``ray::ShardGroupSearcher``, ``ray::IDLE``, ``raylet``) goes into a :class:`MemorySeries` of at most
+    ``memory_points`` points, in ``result.memory_series`` and ``result.process_series`` (MiB) with
+    its :func:`memory_flatness` in ``result.memory_flatness``: whether memory stays flat. Spilled
     bytes: the Ray object store's spill files (``object_spilling_directory``, set by :func:`start_ray`)
     that appeared during the stage, each at the largest size seen (Ray's own spill counters are read
     over gRPC, which a minimal Ray install lacks); a file created and deleted between two samples is
@@ -538,6 +668,7 @@ class StageMonitor:
         root = psutil.Process()
         try:
             driver = root.memory_info().rss
+            snapshot = {(root.pid, root.create_time()): ("driver", driver)}  # (pid, create time) -> (name, RSS bytes)
             children = root.children(recursive=True)
         except psutil.Error:
             return
@@ -547,17 +678,20 @@ class StageMonitor:
         for process in children:
             try:
                 rss = process.memory_info().rss
+                key = (process.pid, process.create_time())
             except psutil.Error:
                 continue
+            if rss == 0:  # exited, not yet reaped (a zombie): no memory, not a live process
+                continue
+            role = sys.intern(_process_role(process))  # a Ray worker's title changes (ray::IDLE, then its task's): read each sample
+            snapshot[key] = (role, rss)
             total += rss
-            if rss > largest_worker or rss > result.worker_peak_rss_bytes:
-                role = _process_role(process)
-                if is_ray_worker(role):
-                    largest_worker = max(largest_worker, rss)
-                    if rss > result.worker_peak_rss_bytes:
-                        result.worker_peak_rss_bytes, result.worker_peak_role = rss, role
+            if is_ray_worker(role):
+                largest_worker = max(largest_worker, rss)
+                if rss > result.worker_peak_rss_bytes:
+                    result.worker_peak_rss_bytes, result.worker_peak_role = rss, role
         result.ray_tree_peak_rss_bytes = max(result.ray_tree_peak_rss_bytes, total)
-        self.memory.add((time.perf_counter() - self._origin, driver, largest_worker, total))
+        self.memory.add((time.perf_counter() - self._origin, driver, largest_worker, total, snapshot))
         spill = file_sizes(self.spill_folder)
         result.spill_folder_peak_bytes = max(result.spill_folder_peak_bytes, sum(spill.values()))
         for path, size in spill.items():
@@ -589,8 +723,10 @@ class StageMonitor:
         self.result.bytes_written = sum(folder_bytes(path) for path in self.written) - self._written_before
         points = self.memory.points()
         series = {name: [point[column] / (1 if column == 0 else MIB) for point in points] for column, name in enumerate(MEMORY_COLUMNS)}
-        self.result.memory_flatness = memory_flatness(series)
+        processes = [{key: (name, rss / MIB) for key, (name, rss) in point[len(MEMORY_COLUMNS)].items()} for point in points]
+        self.result.memory_flatness = memory_flatness(series, processes)
         self.result.memory_series = {name: [round(value, 1) for value in values] for name, values in series.items()}
+        self.result.process_series = processes
 
 
 def scaling_exponent(sizes: tuple[float, float], seconds: tuple[float, float]) -> float:
@@ -708,19 +844,22 @@ def run_size(arguments, docs: int, workdir: Path, models: tuple[str, str], queri
     fetch = measure_text_fetch(str(index_root), docs, arguments.rerank_depth, arguments.seed)
     print(f"  text fetch: {fetch['texts']:,} random texts in batches of {fetch['batch']:,}: {fetch['texts_per_second']:,.0f} texts/s", flush=True)
 
-    memory_csv = {}
+    memory_csv, process_csv = {}, {}
     for name, result in stages.items():
         if result.memory_series:  # not plain_encode: its process is not sampled here
             memory_csv[name] = str(memory_csv_path(arguments.output, docs, name))
             write_memory_csv(memory_csv[name], result.memory_series)
+            process_csv[name] = str(memory_csv_path(arguments.output, docs, name, processes=True))
+            write_process_csv(process_csv[name], result.memory_series["seconds"], result.process_series)
 
     if not arguments.keep:
         shutil.rmtree(run_folder, ignore_errors=True)
     return {
         "docs": docs,
         "corpus": str(corpus),
-        "stages": {name: result.__dict__ for name, result in stages.items()},
+        "stages": {name: result.to_json() for name, result in stages.items()},
         "memory_csv": memory_csv,
+        "process_memory_csv": process_csv,
         "embedding": embedding_row,
         "text_fetch": fetch,
         "summaries": {"build_index": build_summary, "first_stage": first_summary, "rerank": rerank_summary},
@@ -859,7 +998,7 @@ def run_index_only(arguments, workdir: Path, spill: Path) -> dict[str, Any]:
         with StageMonitor("index_search", len(queries)) as search_monitor:
             positions, search_s, ram_bytes, rss_growth, rescoring_ram = search_shard_by_shard(str(root), version_id, shards, queries, nprobe, arguments.cpus)
         points.append({"nprobe": nprobe or plan.nprobe, "queries_per_s": len(queries) / search_s, "speedup_vs_flat": len(queries) / search_s / spec["flat_queries_per_s"],
-                       "recall_at_100": recall(positions[: len(truth)], truth, TOP_K), "search_s": search_s, "stage": search_monitor.result.__dict__})
+                       "recall_at_100": recall(positions[: len(truth)], truth, TOP_K), "search_s": search_s, "stage": search_monitor.result.to_json()})
     search_s = points[0]["search_s"]
     queries_per_s = len(queries) / search_s
     result = {
@@ -870,7 +1009,7 @@ def run_index_only(arguments, workdir: Path, spill: Path) -> dict[str, Any]:
         "memory_budget_bytes": index_building.parse_bytes(arguments.index_memory_budget),
         "nprobe": plan.nprobe,
         "shards": len(shards),
-        "build": build.__dict__,
+        "build": build.to_json(),
         "search_stage": points[0]["stage"],
         "build_s": build.wall_s,
         "disk_bytes_per_vector": version_bytes(root, folder, shards) / count,
@@ -1039,25 +1178,35 @@ FLATNESS_COLUMNS = [
     ("docs", "docs", ",d"),
     ("stage", "stage", ""),
     ("samples", "samples", ",d"),
+    ("persistent", "persistent processes", ",d"),
+    ("persistent_growth_mib", "their growth MiB", "+,.1f"),
+    ("largest_process_growth", "largest process growth", ""),
+    ("process_counts", "live processes", ""),
+    ("verdict", "memory (per process)", ""),
     ("driver_growth_mib", "driver growth MiB", "+,.1f"),
     ("worker_growth_mib", "largest worker growth MiB", "+,.1f"),
     ("tree_growth_mib", "tree growth MiB", "+,.1f"),
     ("tree_growth_percent", "tree growth %", "+.1f"),
     ("tree_slope_mib_per_min", "tree slope MiB/min", "+,.2f"),
-    ("verdict", "memory", ""),
+    ("tree_verdict", "tree rule (not deciding)", ""),
 ]
 
 
 def flatness_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per run and first-stage stage (MEMORY_TABLE_STAGES): the steady-state growth figures of its memory_flatness."""
+    """One row per run and first-stage stage (MEMORY_TABLE_STAGES): the per-process verdict and figures of its memory_flatness,
+    then the former tree figures."""
     rows = []
     for run in runs:
         for name in MEMORY_TABLE_STAGES:
             flatness = run["stages"].get(name, {}).get("memory_flatness")
             if not flatness:
                 continue
-            ratio = flatness["tree"]["growth_ratio"]
-            rows.append({"docs": run["docs"], "stage": name, "samples": flatness["samples"], "verdict": flatness["verdict"],
+            ratio, processes = flatness["tree"]["growth_ratio"], flatness["processes"]
+            largest, counts = processes["largest_growth"], (processes["second_quarter_median_count"], processes["last_quarter_median_count"])
+            rows.append({"docs": run["docs"], "stage": name, "samples": flatness["samples"], "verdict": flatness["verdict"], "tree_verdict": flatness["tree_verdict"],
+                         "persistent": processes["persistent"], "persistent_growth_mib": processes["persistent_growth_mib"],
+                         "largest_process_growth": None if largest is None else f"{largest['name']} {largest['growth_mib']:+,.1f}",
+                         "process_counts": None if counts[0] is None else f"{counts[0]:g} -> {counts[1]:g}",
                          "driver_growth_mib": flatness["driver"]["growth_mib"], "worker_growth_mib": flatness["largest_worker"]["growth_mib"],
                          "tree_growth_mib": flatness["tree"]["growth_mib"], "tree_growth_percent": None if ratio is None else (ratio - 1) * 100,
                          "tree_slope_mib_per_min": flatness["tree"]["slope_mib_per_min"]})
@@ -1117,8 +1266,9 @@ def main(argv: list[str] | None = None) -> dict:
     if memory_rows:
         tables.append(format_table(memory_rows, FLATNESS_COLUMNS, title=(
             "memory over the first stage, steady state: median RSS over the last quarter of the run minus over the second quarter, "
-            f"least-squares slope over the second half; flat: the tree grew under {FLAT_GROWTH_RATIO:.0%} and under {FLAT_GROWTH_MIB:.0f} MiB "
-            f"(series: {memory_csv_path(arguments.output, runs[0]['docs'], 'first_stage').name} and beside it)")))
+            f"least-squares slope over the second half; {PROCESS_RULE}; the driver / largest worker / tree figures and the tree rule "
+            f"(under {FLAT_GROWTH_RATIO:.0%} and {FLAT_GROWTH_MIB:.0f} MiB) no longer decide "
+            f"(series: {memory_csv_path(arguments.output, runs[0]['docs'], 'first_stage').name}, -processes.csv and beside them)")))
     if scaling:
         tables.append(format_table([{"stage": stage, "k": k} for stage, k in scaling.items()], [("stage", "stage", ""), ("k", "k (time ∝ N^k)", ".2f")],
                                    title=f"scaling exponents between {runs[0]['docs']:,} and {runs[-1]['docs']:,} documents (query stages: same queries, larger index)"))

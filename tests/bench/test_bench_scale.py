@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -86,6 +88,13 @@ def test_stage_monitor_counts_written_and_spilled_files(tmp_path):
     assert len(series["seconds"]) >= 2 and series["seconds"] == sorted(series["seconds"]) and min(series["driver_rss_mib"]) > 0
     assert all(tree >= driver for tree, driver in zip(series["tree_rss_mib"], series["driver_rss_mib"], strict=True))
     assert result.memory_flatness["samples"] == len(series["seconds"]) and result.memory_flatness["verdict"] in ("flat", "growing", "too short")
+    processes = result.process_series
+    assert len(processes) == len(series["seconds"]) and all(len(snapshot) >= 1 for snapshot in processes)
+    driver = (os.getpid(), next(iter(processes[0]))[1])
+    assert all(snapshot[driver][0] == "driver" for snapshot in processes)
+    assert [round(snapshot[driver][1], 1) for snapshot in processes] == series["driver_rss_mib"]
+    assert [round(sum(rss for _, rss in snapshot.values()), 1) for snapshot in processes] == pytest.approx(series["tree_rss_mib"], abs=0.2)
+    assert "process_series" not in result.to_json() and result.to_json()["memory_flatness"] == result.memory_flatness
 
 
 def test_stage_monitor_with_two_samples_reports_too_short(tmp_path):
@@ -95,6 +104,7 @@ def test_stage_monitor_with_two_samples_reports_too_short(tmp_path):
     result = monitor.result
     assert len(result.memory_series["seconds"]) == 2 and result.memory_series["seconds"][0] == 0.0
     assert result.memory_flatness["verdict"] == "too short" and result.memory_flatness["tree"]["growth_mib"] is None
+    assert result.memory_flatness["tree_verdict"] == "too short" and result.memory_flatness["processes"]["persistent"] is None
     assert "too short" in scale.flatness_line(result)
     path = scale.memory_csv_path(tmp_path / "scale.json", 10_000, "first_stage")
     assert path == tmp_path / "scale-memory-10000-first_stage.csv"
@@ -102,7 +112,13 @@ def test_stage_monitor_with_two_samples_reports_too_short(tmp_path):
     lines = path.read_text().splitlines()
     assert lines[0] == ",".join(scale.MEMORY_COLUMNS) and len(lines) == 3
     assert [float(value) for value in lines[1].split(",")] == [result.memory_series[name][0] for name in scale.MEMORY_COLUMNS]
-    assert [item.name for item in tmp_path.iterdir()] == [path.name]  # no temporary file left
+    processes_path = scale.memory_csv_path(tmp_path / "scale.json", 10_000, "first_stage", processes=True)
+    assert processes_path == tmp_path / "scale-memory-10000-first_stage-processes.csv"
+    scale.write_process_csv(processes_path, result.memory_series["seconds"], result.process_series)
+    rows = list(csv.DictReader(processes_path.open()))
+    assert len(rows) == sum(len(snapshot) for snapshot in result.process_series) and tuple(rows[0]) == scale.PROCESS_COLUMNS
+    assert rows[0]["name"] == "driver" and int(rows[0]["pid"]) == os.getpid() and float(rows[0]["seconds"]) == 0.0
+    assert sorted(item.name for item in tmp_path.iterdir()) == sorted([path.name, processes_path.name])  # no temporary file left
 
 
 def series(seconds: np.ndarray, tree: np.ndarray, worker: np.ndarray | None = None) -> dict[str, list[float]]:
@@ -111,34 +127,165 @@ def series(seconds: np.ndarray, tree: np.ndarray, worker: np.ndarray | None = No
     return {"seconds": list(seconds), "driver_rss_mib": [500.0] * len(seconds), "largest_worker_rss_mib": list(worker), "tree_rss_mib": list(tree)}
 
 
+def tree_flatness(tree_series: dict[str, list[float]]) -> dict:
+    """memory_flatness of a tree-level series, with per-process snapshots of a lone flat driver: the tree rule's figures."""
+    return scale.memory_flatness(tree_series, [{(1, 0.0): ("driver", 500.0)} for _ in tree_series["seconds"]])
+
+
+def tree_of(snapshots: list[dict]) -> dict[str, list[float]]:
+    """The tree-level series of per-process snapshots, one a second: what StageMonitor derives from them."""
+    seconds = np.arange(len(snapshots), dtype=float)
+    return {"seconds": list(seconds), "driver_rss_mib": [snapshot[(1, 0.0)][1] for snapshot in snapshots],
+            "largest_worker_rss_mib": [max((rss for key, (_, rss) in snapshot.items() if key != (1, 0.0)), default=0.0) for snapshot in snapshots],
+            "tree_rss_mib": [sum(rss for _, rss in snapshot.values()) for snapshot in snapshots]}
+
+
+def steady_tree(samples: int = 400, seed: int = 0) -> list[dict]:
+    """A Ray-like tree, one sample a second: the driver (500 MiB), raylet and gcs_server, two ray::ShardGroupSearcher actors
+    (700 MiB) and a ray::IDLE worker, RSS noisy but flat after a 40 s start-up (the actors load from 100 MiB), and a task
+    process (ray::MapBatches(first_stage), 400 MiB) living 6 s out of every 10 under a new pid: the tree swings by 400 MiB."""
+    rng = np.random.default_rng(seed)
+    loading = np.minimum(np.arange(samples) / 40, 1.0)
+    snapshots = []
+    for index in range(samples):
+        snapshot = {(1, 0.0): ("driver", 500.0 + rng.normal(0, 1)), (10, 1.0): ("raylet", 80.0 + rng.normal(0, 1)),
+                    (11, 1.0): ("gcs_server", 60.0 + rng.normal(0, 0.5)), (14, 2.0): ("ray::IDLE", 90.0 + rng.normal(0, 1))}
+        for pid in (12, 13):
+            snapshot[(pid, 2.0)] = ("ray::ShardGroupSearcher", 100.0 + 600.0 * loading[index] + rng.normal(0, 5))
+        if index % 10 < 6:
+            snapshot[(1000 + index // 10, 3.0 + index // 10)] = ("ray::MapBatches(first_stage)", 400.0 + rng.normal(0, 10))
+        snapshots.append(snapshot)
+    return snapshots
+
+
+def test_process_flatness_sees_through_transient_processes():
+    """The tree sum grows by over 5% in the last quarter as task processes come and go more often; every process that lives
+    through the run is flat: flat, where the tree rule says growing."""
+    snapshots = steady_tree()
+    for index in range(300, 400):  # the last quarter: a second task process, 500 MiB, 8 s out of every 10
+        if index % 10 < 8:
+            snapshots[index][(5000 + index // 10, 9.0)] = ("ray::MapBatches(rank_and_write)", 500.0)
+    flatness = scale.memory_flatness(tree_of(snapshots), snapshots)
+    assert flatness["tree_verdict"] == "growing" and flatness["tree"]["growth_ratio"] > 1.05
+    assert flatness["verdict"] == "flat", flatness["processes"]
+    processes = flatness["processes"]
+    assert processes["persistent"] == 6 and abs(processes["persistent_growth_mib"]) < 10 and processes["reasons"] == [] and processes["over_limit"] == 0
+    assert processes["second_quarter_median_count"] == 7 and processes["last_quarter_median_count"] == 8  # within the allowance of 1
+    assert processes["largest_growth"]["growth_mib"] < 10 and processes["largest_growth"]["name"] in {name for name, _ in snapshots[-1].values()}
+    assert flatness["rule"] == scale.PROCESS_RULE and "tree" in flatness["tree_rule"]
+    line = scale.flatness_line(scale.StageResult(stage="first_stage", rows=1, memory_flatness=flatness))
+    assert "per process: 6 persistent processes" in line and ": flat." in line and "Tree rule, not deciding" in line and line.endswith(": growing")
+
+
+def test_process_flatness_growing_persistent_process():
+    """One ShardGroupSearcher grows by 150 MiB (+21%) over the third quarter: growing, and it is named."""
+    snapshots = steady_tree()
+    for index in range(200, 400):
+        name, rss = snapshots[index][(13, 2.0)]
+        snapshots[index][(13, 2.0)] = (name, rss + 150.0 * min((index - 200) / 100, 1.0))
+    flatness = scale.process_flatness(tree_of(snapshots)["seconds"], snapshots)
+    assert flatness["verdict"] == "growing" and flatness["over_limit"] == 1
+    largest = flatness["largest_growth"]
+    assert largest["name"] == "ray::ShardGroupSearcher" and largest["pid"] == 13 and 140 < largest["growth_mib"] < 160 and largest["growth_ratio"] > 1.05
+    assert flatness["reasons"][0].startswith("ray::ShardGroupSearcher (pid 13) +") and flatness["persistent_growth_mib"] > 100
+    small = steady_tree()  # +20 MiB on the 60 MiB gcs_server: under 100 MiB, over 5%
+    for index in range(200, 400):
+        small[index][(11, 1.0)] = ("gcs_server", 80.0)
+    assert scale.process_flatness(tree_of(small)["seconds"], small)["reasons"] == ["gcs_server (pid 11) +20.0 MiB (+33.3%)"]
+
+
+def test_process_flatness_growing_number_of_processes():
+    """A new process every 10 s that never ends (80 MiB each, each flat): no persistent process grows, the count does."""
+    snapshots = steady_tree()
+    for index in range(400):
+        for number in range(index // 10 + 1):
+            snapshots[index][(20_000 + number, 100.0 + number)] = ("ray::MapBatches(leaked)", 80.0)
+    flatness = scale.memory_flatness(tree_of(snapshots), snapshots)
+    processes = flatness["processes"]
+    assert flatness["verdict"] == "growing" and processes["reasons"] == [f"live processes {processes['second_quarter_median_count']:g} -> {processes['last_quarter_median_count']:g}"]
+    assert processes["last_quarter_median_count"] - processes["second_quarter_median_count"] == 20 and processes["over_limit"] == 0
+    assert processes["persistent"] == 6 + 11  # the leaked processes from before the second quarter live through it: flat ones
+
+
+def test_process_flatness_reused_pid_is_another_process():
+    """pid 13 ends halfway and a new process takes pid 13 at once, far larger: two processes, neither persistent, not a growth."""
+    snapshots = steady_tree()
+    for index in range(200, 400):
+        del snapshots[index][(13, 2.0)]
+        snapshots[index][(13, 250.0)] = ("ray::MapBatches(first_stage)", 1500.0)
+    flatness = scale.process_flatness(tree_of(snapshots)["seconds"], snapshots)
+    assert flatness["verdict"] == "flat" and flatness["persistent"] == 5 and flatness["largest_growth"]["growth_mib"] < 10
+    merged = [{(pid, 2.0 if pid == 13 else created): value for (pid, created), value in snapshot.items()} for snapshot in snapshots]
+    assert scale.process_flatness(tree_of(merged)["seconds"], merged)["verdict"] == "growing"  # keyed by pid alone it would be a +800 MiB growth
+    scale.write_process_csv(path := Path(os.environ.get("TMPDIR", "/tmp")) / f"reuse-{os.getpid()}.csv", tree_of(snapshots)["seconds"][198:202], snapshots[198:202])
+    rows = list(csv.DictReader(path.open()))
+    path.unlink()
+    assert {(row["pid"], row["create_time"]) for row in rows if row["pid"] == "13"} == {("13", "2.0"), ("13", "250.0")}
+
+
+def test_process_flatness_keeps_an_actor_pool_torn_down_at_the_end():
+    """The actors end in the last quarter's last tenth (Ray Data shuts its actor pools down): still persistent, still judged."""
+    snapshots = steady_tree()
+    for index in range(390, 400):
+        del snapshots[index][(12, 2.0)], snapshots[index][(13, 2.0)]
+    flatness = scale.process_flatness(tree_of(snapshots)["seconds"], snapshots)
+    assert flatness["verdict"] == "flat" and flatness["persistent"] == 6
+    for index in range(300, 390):
+        name, rss = snapshots[index][(12, 2.0)]
+        snapshots[index][(12, 2.0)] = (name, rss + 300)
+    assert scale.process_flatness(tree_of(snapshots)["seconds"], snapshots)["largest_growth"]["pid"] == 12
+    for index in range(340, 400):  # gone for over half of the last quarter: not persistent
+        snapshots[index].pop((12, 2.0), None)
+    assert scale.process_flatness(tree_of(snapshots)["seconds"], snapshots)["persistent"] == 5
+
+
+def test_process_flatness_too_short():
+    for samples in (0, 1, 2):
+        flatness = scale.process_flatness(list(np.arange(samples) * 0.2), steady_tree(samples))
+        assert flatness["verdict"] == "too short" and flatness["persistent"] is None and flatness["largest_growth"] is None, samples
+    assert scale.process_flatness([0.0, 0.0, 0.0], steady_tree(3))["verdict"] == "too short"  # no time spanned
+    assert scale.process_flatness(list(np.arange(5) * 0.2), steady_tree(5))["verdict"] in ("flat", "growing")
+    with pytest.raises(ValueError):
+        scale.process_flatness([0.0, 1.0], steady_tree(3))
+    result = scale.StageResult(stage="first_stage", rows=1, memory_flatness=scale.memory_flatness(tree_of(steady_tree(1)), steady_tree(1)))
+    assert "per process: -: too short" in scale.flatness_line(result)
+
+
+def test_process_csv_quotes_names_and_rounds():
+    path = Path(os.environ.get("TMPDIR", "/tmp")) / f"names-{os.getpid()}.csv"
+    scale.write_process_csv(path, [0.0, 1.25], [{(7, 3.14159): ("ray::MapBatches(a, b)", 12.345)}, {}])
+    assert path.read_text().splitlines() == ["seconds,pid,name,rss_mib,create_time", '0.0,7,"ray::MapBatches(a, b)",12.3,3.14']
+    path.unlink()
+
+
 def test_memory_flatness_tells_flat_from_growing():
     rng = np.random.default_rng(0)
     seconds = np.arange(0, 600, 0.2)
     startup = np.minimum(seconds / 30, 1.0) * 3000  # loads in the first 30 s, outside the steady state
-    flat = scale.memory_flatness(series(seconds, 1000 + startup + rng.normal(0, 20, len(seconds))))
-    assert flat["verdict"] == "flat" and flat["samples"] == len(seconds)
+    flat = tree_flatness(series(seconds, 1000 + startup + rng.normal(0, 20, len(seconds))))
+    assert flat["tree_verdict"] == "flat" and flat["samples"] == len(seconds)
     assert abs(flat["tree"]["growth_mib"]) < 10 and abs(flat["tree"]["slope_mib_per_min"]) < 5
     assert flat["driver"] == {"second_quarter_median_mib": 500.0, "last_quarter_median_mib": 500.0, "growth_mib": 0.0, "growth_ratio": 1.0, "slope_mib_per_min": 0.0}
 
     leaking = 1000 + startup + 15 * seconds / 60  # 15 MiB a minute: +75 MiB between the quarters' medians (225 s and 525 s), +1.8%
-    growing = scale.memory_flatness(series(seconds, leaking + 4000 * (seconds > 450)))  # and a jump in the last quarter
-    assert growing["verdict"] == "growing" and growing["tree"]["growth_mib"] > 100
-    slow = scale.memory_flatness(series(seconds, leaking))
-    assert slow["verdict"] == "flat"  # under 100 MiB and 5%: the rule's limits, the slope still shows it
+    growing = tree_flatness(series(seconds, leaking + 4000 * (seconds > 450)))  # and a jump in the last quarter
+    assert growing["tree_verdict"] == "growing" and growing["tree"]["growth_mib"] > 100
+    slow = tree_flatness(series(seconds, leaking))
+    assert slow["tree_verdict"] == "flat"  # under 100 MiB and 5%: the rule's limits, the slope still shows it
     assert slow["tree"]["growth_mib"] == pytest.approx(75, abs=1) and slow["tree"]["slope_mib_per_min"] == pytest.approx(15, abs=0.1)
-    small = scale.memory_flatness(series(seconds, 200 + 15 * seconds / 60))  # +75 MiB on 256 MiB: under 100 MiB but +29%
-    assert small["verdict"] == "growing" and small["tree"]["growth_ratio"] > 1.05
+    small = tree_flatness(series(seconds, 200 + 15 * seconds / 60))  # +75 MiB on 256 MiB: under 100 MiB but +29%
+    assert small["tree_verdict"] == "growing" and small["tree"]["growth_ratio"] > 1.05
 
 
 def test_memory_flatness_of_very_short_series():
-    empty = scale.memory_flatness(series(np.array([]), np.array([])))
-    assert empty["verdict"] == "too short" and empty["samples"] == 0 and empty["tree"]["slope_mib_per_min"] is None
-    one = scale.memory_flatness(series(np.array([0.0]), np.array([800.0])))
-    assert one["verdict"] == "too short" and one["largest_worker"]["growth_mib"] is None
-    two = scale.memory_flatness(series(np.array([0.0, 0.2]), np.array([800.0, 900.0])))
-    assert two["verdict"] == "too short" and two["tree"]["slope_mib_per_min"] is None
-    five = scale.memory_flatness(series(np.arange(5) * 0.2, np.array([100.0, 800.0, 810.0, 815.0, 820.0]), worker=np.zeros(5)))
-    assert five["verdict"] == "flat" and five["tree"]["growth_mib"] == 17.5 and five["largest_worker"]["growth_ratio"] is None
+    empty = tree_flatness(series(np.array([]), np.array([])))
+    assert empty["tree_verdict"] == "too short" and empty["samples"] == 0 and empty["tree"]["slope_mib_per_min"] is None
+    one = tree_flatness(series(np.array([0.0]), np.array([800.0])))
+    assert one["tree_verdict"] == "too short" and one["largest_worker"]["growth_mib"] is None
+    two = tree_flatness(series(np.array([0.0, 0.2]), np.array([800.0, 900.0])))
+    assert two["tree_verdict"] == "too short" and two["tree"]["slope_mib_per_min"] is None
+    five = tree_flatness(series(np.arange(5) * 0.2, np.array([100.0, 800.0, 810.0, 815.0, 820.0]), worker=np.zeros(5)))
+    assert five["tree_verdict"] == "flat" and five["tree"]["growth_mib"] == 17.5 and five["largest_worker"]["growth_ratio"] is None
     with pytest.raises(ValueError):
         scale.steady_state_growth([0.0, 1.0], [1.0])
 
