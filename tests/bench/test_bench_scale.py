@@ -192,6 +192,10 @@ def test_process_flatness_growing_persistent_process():
     for index in range(200, 400):
         small[index][(11, 1.0)] = ("gcs_server", 80.0)
     assert scale.process_flatness(tree_of(small)["seconds"], small)["reasons"] == ["gcs_server (pid 11) +20.0 MiB (+33.3%)"]
+    daemon = steady_tree()  # +8 MiB (+13%) on the 60 MiB gcs_server: over 5% but under the 16 MiB floor, so flat
+    for index in range(200, 400):
+        daemon[index][(11, 1.0)] = ("gcs_server", 68.0)
+    assert scale.process_flatness(tree_of(daemon)["seconds"], daemon)["verdict"] == "flat"
 
 
 def test_process_flatness_growing_number_of_processes():
