@@ -9,6 +9,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -66,8 +70,7 @@ def synthetic_documents(count: int, seed: int = 0, topics: int = 10) -> list[dic
 def write_jsonl(path: Path, records: list) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as handle:
-        for record in records:
-            handle.write((record if isinstance(record, str) else json.dumps(record)) + "\n")
+        handle.writelines((record if isinstance(record, str) else json.dumps(record)) + "\n" for record in records)
     return path
 
 
@@ -281,6 +284,35 @@ def damaged_corpus(tmp_path_factory) -> DamagedCorpus:
 def build_index_flags(corpus: str, index: str, model: str, *extra: str) -> list[str]:
     """Command-line flags of jobs.build_index for a test build."""
     return ["--corpus", str(corpus), "--index", str(index), "--embedding.model", str(model), *extra]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Jobs as subprocesses attached to the session's Ray instance (as a driver of ``ray job submit`` would be):
+# killing the driver ends its workers and actors. Used by the kill -9 tests.
+
+
+def start_job(ray_session, job: str, flags: list[str]) -> subprocess.Popen:
+    """``python -m jobs.<job> <flags>`` in the repository, connected to the test session's Ray; stderr kept for :func:`finish`."""
+    environment = {**os.environ, "PYTHONPATH": str(REPOSITORY), "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address, "HF_HUB_OFFLINE": "1"}
+    return subprocess.Popen([sys.executable, "-m", f"jobs.{job}", *flags], cwd=REPOSITORY, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def finish(process: subprocess.Popen, timeout: float = 300) -> None:
+    """Wait for a job started by :func:`start_job`; it must exit 0."""
+    _, stderr = process.communicate(timeout=timeout)
+    assert process.returncode == 0, stderr[-3000:]
+
+
+def kill_after(process: subprocess.Popen, seconds: float) -> bool:
+    """SIGKILL ``process`` after ``seconds`` unless it ended before; True if it was killed."""
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        if process.poll() is not None:
+            return False
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    return True
 
 
 @dataclasses.dataclass

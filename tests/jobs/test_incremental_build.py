@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import build_index_flags, synthetic_documents, write_jsonl
+
 from jobs.build_index import main as build_index_job
 from pipelines import incremental_index, index_store, storage
 from pipelines.index_store import load_index
@@ -34,8 +35,11 @@ RANGES = [(0, 250), (250, 500), (500, 750), (750, 1000)]
 BASE = synthetic_documents(COUNT, seed=0)
 
 # Words of another vocabulary than conftest.WORDS ("w0".."w499"): documents made of them embed elsewhere.
-OTHER_WORDS = ("protein cell gene tumor cancer patient clinical trial dose blood brain heart liver kidney immune virus infection "
-               "vaccine antibody receptor enzyme membrane mutation therapy drug molecule tissue muscle bone skin lung").split()
+OTHER_WORDS = [
+    "protein", "cell", "gene", "tumor", "cancer", "patient", "clinical", "trial", "dose", "blood", "brain", "heart", "liver", "kidney", "immune",
+    "virus", "infection", "vaccine", "antibody", "receptor", "enzyme", "membrane", "mutation", "therapy", "drug", "molecule", "tissue", "muscle",
+    "bone", "skin", "lung",
+]
 
 
 def churn(documents: list[dict], candidates: range, seed: int, changed: int = 50, removed: int = 50, added: int = 50) -> tuple[list[dict], set[str]]:
@@ -55,7 +59,7 @@ def churn(documents: list[dict], candidates: range, seed: int, changed: int = 50
 
 
 def unchanged_shards(before: list[dict], after: list[dict]) -> list[int]:
-    key = lambda document: (document["_id"], document["title"], document["text"])  # noqa: E731
+    key = lambda document: (document["_id"], document["title"], document["text"])
     return [shard for shard, (start, end) in enumerate(RANGES) if len(after) == len(before) and list(map(key, before[start:end])) == list(map(key, after[start:end]))]
 
 
@@ -310,3 +314,93 @@ def test_a_previous_version_of_other_settings_or_layout_gives_the_reason_to_trai
     assert incremental_index.incompatibility(previous, dataclasses.replace(plan, shards=5), 32, "tiny-0123").startswith("shard count differs (4 in v0, 5 now)")
     uneven = {**previous, "shards": [{"first_position": 0, "count": 100}, {"first_position": 100, "count": 400}, *previous["shards"][2:]]}
     assert incremental_index.incompatibility(uneven, plan, 32, "tiny-0123") == "the shards of v0 are not laid out by the current shard ranges rule"
+
+
+# --- kill -9 and object storage ------------------------------------------------------------------
+
+
+def assert_same_version(root: str, summary: dict, expected: dict, base_version: str) -> None:
+    """The build at ``root`` finished the uninterrupted incremental build's version: same id, shards, ids, CURRENT, quantizer reused."""
+    assert summary["version_id"] == expected["version_id"]
+    assert (summary["incremental"]["trained"], summary["incremental"]["trained_in_version"]) == ("reused", base_version)
+    assert index_store.current_version_id(root) == expected["version_id"]
+    rebuilt = load_index(root)  # CURRENT's version: its manifest is written, every checksum checks
+    assert rebuilt.manifest["version_id"] == expected["version_id"] and rebuilt.manifest["index"]["trained_in_version"] == base_version
+    reference = load_index(str(expected["root"]), expected["version_id"])
+    assert [shard["sha256"] for shard in rebuilt.manifest["shards"]] == [shard["sha256"] for shard in reference.manifest["shards"]]
+    assert rebuilt.manifest["index"]["trained_sha256"] == reference.manifest["index"]["trained_sha256"]
+    assert rebuilt.doc_ids.equals(reference.doc_ids)
+
+
+def upload_base_index(base_index, url: str) -> None:
+    """The base index root (local) copied under ``url`` on S3: the version an incremental build on S3 starts from."""
+    filesystem, path = storage.filesystem_and_path(url)
+    filesystem.put(str(base_index[0]), path, recursive=True)
+
+
+@pytest.fixture(scope="module")
+def expected_incremental(incremental_build) -> dict:
+    root, _, summary = incremental_build
+    return {**summary, "root": root}
+
+
+@pytest.mark.slow
+def test_an_incremental_build_killed_at_random_points_resumes_to_the_uninterrupted_version(ray_session, base_index, expected_incremental, tiny_bi_encoder, tmp_path):
+    from conftest import finish, kill_after, start_job
+
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", ORDERED[0])
+    timing = copy_of(base_index, tmp_path / "timing")
+    started = time.perf_counter()
+    finish(start_job(ray_session, "build_index", build_index_flags(corpus, timing, tiny_bi_encoder, *FLAGS)))
+    duration = time.perf_counter() - started
+    assert index_store.current_version_id(str(timing)) == expected_incremental["version_id"]
+    killed = left_work = 0
+    for point, fraction in enumerate(np.random.default_rng(11).uniform(0.3, 0.98, size=4)):
+        root = copy_of(base_index, tmp_path / f"killed-{point}")
+        flags = build_index_flags(corpus, root, tiny_bi_encoder, *FLAGS)
+        killed += kill_after(start_job(ray_session, "build_index", flags), fraction * duration)
+        left_work += len(stored_ids(root)) > COUNT or len(list((root / "versions").iterdir())) > 1  # embedded parts or a version folder
+        summary = build_index_job(flags)
+        assert_same_version(str(root), summary, expected_incremental, base_index[1]["version_id"])
+        assert sorted(stored_ids(root)) == sorted(stored_ids(base_index[0]) + list(ORDERED[1])), f"kill point {point} ({fraction:.2f} of {duration:.1f} s)"
+    assert killed >= 2 and left_work >= 1  # some kills landed after the run had written something
+
+
+@pytest.mark.s3
+def test_an_incremental_build_on_s3_reuses_the_quantizer_and_shards_and_searches_like_the_local_one(base_index, expected_incremental, tiny_bi_encoder, s3_bucket, tmp_path):
+    root = f"{s3_bucket}/index"
+    upload_base_index(base_index, root)
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", ORDERED[0])
+    summary = build_index_job(build_index_flags(corpus, root, tiny_bi_encoder, *FLAGS))
+    assert (summary["embedded"], summary["reused_embeddings"]) == (100, 900)
+    assert (summary["incremental"]["shards_reused"], summary["incremental"]["shards_filled"]) == (2, 2)
+    assert_same_version(root, summary, expected_incremental, base_index[1]["version_id"])
+    on_s3, local = load_index(root, with_vectors=True), load_index(str(expected_incremental["root"]), expected_incremental["version_id"])
+    queries = seeded_queries(on_s3, count=16, seed=5)
+    scores, found = top_k(on_s3, queries)
+    expected_scores, expected = top_k(local, queries)
+    assert np.array_equal(found, expected)
+    np.testing.assert_array_equal(scores, expected_scores)
+
+
+@pytest.mark.slow
+@pytest.mark.s3
+def test_an_incremental_build_on_s3_killed_and_rerun_gives_the_uninterrupted_version(ray_session, base_index, expected_incremental, tiny_bi_encoder, s3_bucket, tmp_path):
+    from conftest import finish, kill_after, start_job
+
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", ORDERED[0])
+    timing = f"{s3_bucket}/timing"
+    upload_base_index(base_index, timing)
+    started = time.perf_counter()
+    finish(start_job(ray_session, "build_index", build_index_flags(corpus, timing, tiny_bi_encoder, *FLAGS)))
+    duration = time.perf_counter() - started
+    assert index_store.current_version_id(timing) == expected_incremental["version_id"]
+    killed = 0
+    for point, fraction in enumerate(np.random.default_rng(12).uniform(0.4, 0.9, size=2)):
+        root = f"{s3_bucket}/killed-{point}"
+        upload_base_index(base_index, root)
+        flags = build_index_flags(corpus, root, tiny_bi_encoder, *FLAGS)
+        killed += kill_after(start_job(ray_session, "build_index", flags), fraction * duration)
+        summary = build_index_job(flags)
+        assert_same_version(root, summary, expected_incremental, base_index[1]["version_id"])
+    assert killed >= 1

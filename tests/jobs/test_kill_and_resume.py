@@ -6,18 +6,24 @@ The killed jobs run as subprocesses connected to the test session's Ray instance
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import time
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
+from conftest import (
+    DAMAGED_CORPUS_BUILD_FLAGS,
+    WORDS,
+    build_index_flags,
+    finish,
+    kill_after,
+    start_job,
+    synthetic_documents,
+    write_jsonl,
+)
 
-from conftest import REPOSITORY, DAMAGED_CORPUS_BUILD_FLAGS, WORDS, build_index_flags, synthetic_documents, write_jsonl
 from pipelines import storage
 from pipelines.evaluation import read_run
 from pipelines.index_store import load_index
@@ -25,28 +31,6 @@ from pipelines.retrieval import OutputMismatchError
 
 TOP_K = 12
 DEPTH = 5
-
-
-def start_job(ray_session, job: str, flags: list[str]) -> subprocess.Popen:
-    environment = {**os.environ, "PYTHONPATH": str(REPOSITORY), "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address, "HF_HUB_OFFLINE": "1"}
-    return subprocess.Popen([sys.executable, "-m", f"jobs.{job}", *flags], cwd=REPOSITORY, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-
-
-def finish(process: subprocess.Popen, timeout: float = 300) -> None:
-    _, stderr = process.communicate(timeout=timeout)
-    assert process.returncode == 0, stderr[-3000:]
-
-
-def kill_after(process: subprocess.Popen, seconds: float) -> bool:
-    """SIGKILL ``process`` after ``seconds`` unless it ended before; True if it was killed."""
-    deadline = time.perf_counter() + seconds
-    while time.perf_counter() < deadline:
-        if process.poll() is not None:
-            return False
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    return True
 
 
 @pytest.fixture(scope="module")
