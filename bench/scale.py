@@ -333,48 +333,8 @@ def folder_bytes(path: Path | str) -> int:
     return sum(file_sizes(path).values())
 
 
-STEADY_FROM = 0.25  # the steady state of a query stage: from the moment a quarter of its queries were written
-
-
-def steady_state_rate(parts: Sequence[tuple[float, int]], start_fraction: float = STEADY_FROM) -> float | None:
-    """Queries per second once the stage is under way: ``parts`` are (time written, queries) of its output parts; the
-    rate is the queries written after the part that took the total past ``start_fraction`` divided by the time from
-    that part to the last one. Start-up (Ray workers, models and shards loading, the pipeline filling) is left out, as
-    the issue's "steady state" asks. ``None`` when fewer than two parts follow that point.
-
-    Example:
-        >>> steady_state_rate([(10.0, 100), (11.0, 100), (12.0, 100), (13.0, 100)])
-        100.0
-    """
-    ordered = sorted(parts)
-    total = sum(count for _, count in ordered)
-    written, start = 0, None
-    for number, (_, count) in enumerate(ordered):
-        written += count
-        if written >= start_fraction * total:
-            start = number
-            break
-    if start is None or len(ordered) - start < 2 or ordered[-1][0] <= ordered[start][0]:
-        return None
-    return sum(count for _, count in ordered[start + 1 :]) / (ordered[-1][0] - ordered[start][0])
-
-
 def format_rate(queries_per_s: float | None) -> str:
     return "-" if queries_per_s is None else f"{queries_per_s:,.0f} queries/s"
-
-
-def query_parts(folder: Path) -> list[tuple[float, int]]:
-    """(modification time, queries) of each Parquet part the query job committed in ``folder`` (queries from the part's
-    ``query_ids`` metadata, which names queries without rows too)."""
-    import pyarrow.parquet as pq
-
-    from pipelines.retrieval import QUERY_IDS_METADATA
-
-    parts = []
-    for path in sorted(Path(folder).rglob("*.parquet")):
-        metadata = pq.read_schema(path).metadata or {}
-        parts.append((path.stat().st_mtime, len(json.loads(metadata[QUERY_IDS_METADATA])) if QUERY_IDS_METADATA in metadata else pq.read_metadata(path).num_rows))
-    return parts
 
 
 def file_sizes(folder: Path | str | None) -> dict[str, int]:
@@ -415,6 +375,7 @@ class StageResult:
     extra: dict[str, Any] = field(default_factory=dict)
     memory_series: dict[str, list[float]] = field(default_factory=dict)  # MEMORY_COLUMNS -> values (seconds since the start, MiB)
     memory_flatness: dict[str, Any] = field(default_factory=dict)  # memory_flatness(): per-process verdict, steady-state growth, slope
+    steady_from_s: float | None = None  # query stages: memory_flatness covers the samples from here (the first search) on
     # Per point of memory_series: {(pid, create time): (name, RSS MiB)} of every process of the tree; the CSV beside, not the JSON.
     process_series: list[dict[ProcessKey, tuple[str, float]]] = field(default_factory=list, repr=False)
 
@@ -602,7 +563,8 @@ def flatness_line(result: StageResult) -> str:
     reasons = f" ({'; '.join(processes['reasons'])})" if processes["reasons"] else ""
     slope = flatness["tree"]["slope_mib_per_min"]
     slope_text = f"{slope:+,.2f} MiB/min" if slope is not None else "-"
-    return (f"memory, last vs second quarter, per process: {per_process}: {flatness['verdict']}{reasons}. "
+    window = "" if flatness.get("steady_from_s") is None else f" (steady state: from {flatness['steady_from_s']:.0f} s, the first search)"
+    return (f"memory{window}, last vs second quarter, per process: {per_process}: {flatness['verdict']}{reasons}. "
             f"Tree rule, not deciding: {', '.join(growth(name) for name in ('driver', 'largest_worker', 'tree'))}; "
             f"tree slope over the second half {slope_text}: {flatness['tree_verdict']}")
 
@@ -735,6 +697,37 @@ class StageMonitor:
         self.result.process_series = processes
 
 
+SEARCH_TITLE = "ray::ShardGroupSearcher.search"  # Ray's process title while a shard actor runs a search (pipelines.fan_out_search)
+
+
+def search_window(result: StageResult) -> tuple[float, float] | None:
+    """(first, last) second of the stage at which a shard actor was seen searching (its process title), or None.
+
+    Every query of the stage is searched inside this window, so queries / its length is the search's steady rate, with
+    the start-up (Ray workers, models and shards loading) before it and the ranking and writing of the last batches
+    after it left out. Why not the output parts' times: the write tasks can wait for CPUs until late in the run and then
+    drain a backlog (at 1M documents the first part came 70 s after the first search), which overstates the rate."""
+    seconds = result.memory_series.get("seconds", [])
+    searching = [second for second, snapshot in zip(seconds, result.process_series) if any(name.startswith(SEARCH_TITLE) for name, _ in snapshot.values())]
+    return (searching[0], searching[-1]) if len(searching) >= 2 and searching[-1] > searching[0] else None
+
+
+def judge_steady_state(result: StageResult) -> None:
+    """A query stage's steady state is its :func:`search_window`: set its steady queries/s, and judge its memory
+    (:func:`memory_flatness`) over the samples from the window's start to the end of the stage, so that loading shards
+    and models is not read as growth (the quarters of the rule are then quarters of that span)."""
+    window = search_window(result)
+    if window is None:
+        result.extra = {**result.extra, "steady_queries_per_s": None}
+        return
+    start, end = window
+    result.steady_from_s = start
+    result.extra = {**result.extra, "steady_queries_per_s": result.rows / (end - start), "search_window_s": [start, end]}
+    kept = [index for index, second in enumerate(result.memory_series["seconds"]) if second >= start]
+    series = {name: [values[index] for index in kept] for name, values in result.memory_series.items()}
+    result.memory_flatness = {**memory_flatness(series, [result.process_series[index] for index in kept]), "steady_from_s": start}
+
+
 def scaling_exponent(sizes: tuple[float, float], seconds: tuple[float, float]) -> float:
     """k in time = c * N^k through two points: log(t2 / t1) / log(N2 / N1).
 
@@ -815,7 +808,7 @@ def run_size(arguments, docs: int, workdir: Path, models: tuple[str, str], queri
     with StageMonitor("first_stage", queries, written=[first_output], spill_folder=spill) as monitor:
         first_summary = retrieve_and_rerank(first_config)
     stages["first_stage"] = monitor.result
-    monitor.result.extra = {"steady_queries_per_s": steady_state_rate(query_parts(first_output))}
+    judge_steady_state(monitor.result)
     print(f"  first stage: {queries:,} queries in {monitor.result.wall_s:.1f} s = {monitor.result.rows_per_s:,.0f} queries/s; "
           f"steady state {format_rate(monitor.result.extra['steady_queries_per_s'])}", flush=True)
     print(f"    {flatness_line(monitor.result)}", flush=True)
@@ -828,7 +821,7 @@ def run_size(arguments, docs: int, workdir: Path, models: tuple[str, str], queri
         with StageMonitor("first_stage_dense", queries, written=[dense_output], spill_folder=spill) as monitor:
             retrieve_and_rerank(dense_config)
         stages["first_stage_dense"] = monitor.result
-        monitor.result.extra = {"steady_queries_per_s": steady_state_rate(query_parts(dense_output))}
+        judge_steady_state(monitor.result)
         print(f"  first stage, dense only: {queries:,} queries in {monitor.result.wall_s:.1f} s = {monitor.result.rows_per_s:,.0f} queries/s; "
               f"steady state {format_rate(monitor.result.extra['steady_queries_per_s'])}", flush=True)
         print(f"    {flatness_line(monitor.result)}", flush=True)
@@ -1184,6 +1177,7 @@ FLATNESS_COLUMNS = [
     ("docs", "docs", ",d"),
     ("stage", "stage", ""),
     ("samples", "samples", ",d"),
+    ("steady_from_s", "steady from s", ",.0f"),
     ("persistent", "persistent processes", ",d"),
     ("persistent_growth_mib", "their growth MiB", "+,.1f"),
     ("largest_process_growth", "largest process growth", ""),
@@ -1209,7 +1203,8 @@ def flatness_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 continue
             ratio, processes = flatness["tree"]["growth_ratio"], flatness["processes"]
             largest, counts = processes["largest_growth"], (processes["second_quarter_median_count"], processes["last_quarter_median_count"])
-            rows.append({"docs": run["docs"], "stage": name, "samples": flatness["samples"], "verdict": flatness["verdict"], "tree_verdict": flatness["tree_verdict"],
+            rows.append({"docs": run["docs"], "stage": name, "samples": flatness["samples"], "steady_from_s": flatness.get("steady_from_s"),
+                         "verdict": flatness["verdict"], "tree_verdict": flatness["tree_verdict"],
                          "persistent": processes["persistent"], "persistent_growth_mib": processes["persistent_growth_mib"],
                          "largest_process_growth": None if largest is None else f"{largest['name']} {largest['growth_mib']:+,.1f}",
                          "process_counts": None if counts[0] is None else f"{counts[0]:g} -> {counts[1]:g}",

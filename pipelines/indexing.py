@@ -289,11 +289,11 @@ def _build_index(config: BuildIndexConfig, corpus_url: str, index_url: str, leas
     shards = build_shards(located, plan, dimension, folder, index_url)
     index_seconds = time.perf_counter() - index_started + incremental_seconds
     trained_sha256 = index_store.file_sha256(storage.join_url(folder, "trained.faiss"))
-    sparse, sparse_seconds = None, 0.0
+    sparse, sparse_seconds, sparse_work = None, 0.0, {"documents_tokenized": 0, "documents_reused": 0}
     if config.sparse:
         sparse_started = time.perf_counter()
-        sparse = build_sparse_shards(corpus.rows, documents, shard_ranges(documents.num_rows, sparse_shard_count(documents.num_rows, plan.shards)),
-                                     config.bm25, index_url, folder)
+        sparse, sparse_work = build_sparse_shards(corpus.rows, documents, shard_ranges(documents.num_rows, sparse_shard_count(documents.num_rows, plan.shards)),
+                                                  config.bm25, index_url, folder, started_from)
         sparse_seconds = time.perf_counter() - sparse_started
     store_started = time.perf_counter()
     documents_store = build_document_store(corpus.rows, documents, index_url)  # texts by position, for reranking
@@ -318,6 +318,9 @@ def _build_index(config: BuildIndexConfig, corpus_url: str, index_url: str, leas
         "sparse_seconds": round(sparse_seconds, 2),
         "sparse_bytes": sum(shard["bytes"] for shard in sparse["shards"]) + sparse["statistics"]["bytes"] if sparse else 0,
         "sparse_shards_reused": sum(shard["reused"] for shard in sparse["shards"]) if sparse else 0,
+        # documents of the shards built: tokenized, or counts taken from the previous version's shards (same text)
+        "sparse_documents_tokenized": sparse_work["documents_tokenized"],
+        "sparse_documents_reused": sparse_work["documents_reused"],
         "documents_store_seconds": round(store_seconds, 2),
         "documents_store_bytes": sum(entry["bytes"] for entry in documents_store["files"]),
         "documents_store_files_reused": sum(entry["reused"] for entry in documents_store["files"]),
@@ -372,7 +375,8 @@ def summary_table(summary: dict[str, Any]) -> str:
         ("index", summary["factory"]),
         ("shards", summary["shards"]),
         ("index bytes", summary["index_bytes"]),
-        ("BM25", f"{summary['sparse_bytes']:,} bytes, {summary['sparse_seconds']} s, {summary['sparse_shards_reused']} shard(s) reused" if summary.get("sparse") else "off"),
+        ("BM25", f"{summary['sparse_bytes']:,} bytes, {summary['sparse_seconds']} s, {summary['sparse_shards_reused']} shard(s) reused, "
+                 f"{summary.get('sparse_documents_tokenized', '-')} documents tokenized, {summary.get('sparse_documents_reused', '-')} counted already" if summary.get("sparse") else "off"),
         ("document store", (f"{summary.get('documents_store_bytes', 0):,} bytes, {summary.get('documents_store_seconds', 0.0)} s, "
                             f"{summary.get('documents_store_files_reused', 0)} file(s) reused")),
         ("incremental", incremental_cell(summary.get("incremental"))),

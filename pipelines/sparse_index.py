@@ -328,12 +328,73 @@ def shard_statistics(root: str, file: str, sha256: str | None) -> tuple[tuple[np
     return (counts.terms, counts.document_frequencies(), counts.documents, int(counts.lengths.sum())), sha256 or storage.sha256_bytes(data), len(data)
 
 
-def build_sparse_shards(rows, documents: pa.Table, ranges: list[tuple[int, int]], config: Bm25Config, root: str, folder: str) -> dict[str, Any]:
-    """Build (or reuse) every BM25 shard and the version's global statistics; returns the manifest's ``sparse`` entry.
+def previous_rows(root: str, previous_version: str | None, config: Bm25Config) -> pa.Table | None:
+    """Where each document of ``previous_version``'s BM25 shards is: (id, text_hash, shard, row), or None when there is no
+    previous version, it has no BM25 part, or its tokenizer settings differ (its counts would not be this build's)."""
+    if not previous_version:
+        return None
+    try:
+        previous = index_store.read_manifest(root, previous_version)
+    except index_store.IndexValidationError:
+        return None  # the build then tokenizes everything; the incremental plan reports why the version cannot be read
+    sparse = previous.get("sparse")
+    if not sparse or {key: sparse.get(key) for key in config.settings()} != config.settings():
+        return None
+    try:
+        ids = index_store.load_doc_ids(root, previous).select(["id", "text_hash"])
+    except index_store.IndexValidationError:
+        return None
+    shard = np.full(ids.num_rows, -1, dtype=np.int32)  # -1: its shard file is gone, tokenize it again
+    row = np.arange(ids.num_rows, dtype=np.int64)
+    for entry in sparse["shards"]:
+        start, count = int(entry["first_position"]), int(entry["count"])
+        if storage.exists(storage.join_url(root, entry["file"])):
+            shard[start : start + count] = int(entry["shard"])
+        row[start : start + count] -= start
+    table = ids.append_column("previous_shard", pa.array(shard)).append_column("previous_row", pa.array(row))
+    return table.filter(pc.greater_equal(table["previous_shard"], 0))
+
+
+def reused_parts(root: str, entry: dict[str, Any], rows: np.ndarray, positions: np.ndarray, shard_by_position: np.ndarray) -> pa.Table:
+    """Ray task: the term counts of rows ``rows`` of a previous version's shard (``entry`` of its manifest), now at
+    ``positions``, as :class:`ShardTermCounter`'s parts (one per new shard they fall in): counts are a function of the
+    text and the tokenizer settings alone, so taking them equals tokenizing the same texts again."""
+    counts = TermCounts.from_bytes(index_store.read_checked(storage.join_url(root, entry["file"]), entry["sha256"]))
+    shards = shard_by_position[positions]
+    parts = {"shard": [], "positions": [], "counts": []}
+    for shard in np.unique(shards).tolist():
+        chosen = np.flatnonzero(shards == shard)
+        parts["shard"].append(shard)
+        parts["positions"].append(positions[chosen])
+        parts["counts"].append(counts.take(rows[chosen]).to_bytes())
+    return pa.table({"shard": pa.array(parts["shard"], pa.int32()), "positions": pa.array(parts["positions"], pa.list_(pa.int64())),
+                     "counts": pa.array(parts["counts"], pa.large_binary())})
+
+
+def split_reusable(wanted: pa.Table, previous: pa.Table | None) -> tuple[pa.Table, pa.Table]:
+    """``wanted`` (position, order_key, id, text_hash) split into documents to tokenize and documents whose counts a previous
+    shard holds (with ``previous_shard`` / ``previous_row``); an (id, text_hash) held twice is taken from one place."""
+    if previous is None or not wanted.num_rows:
+        return wanted, wanted.slice(0, 0)
+    first = previous.group_by(["id", "text_hash"], use_threads=False).aggregate([("previous_shard", "first"), ("previous_row", "first")])
+    first = first.select(["id", "text_hash", "previous_shard_first", "previous_row_first"]).rename_columns(["id", "text_hash", "previous_shard", "previous_row"])
+    joined = wanted.join(first, keys=["id", "text_hash"], join_type="left outer", use_threads=False)
+    found = pc.is_valid(joined["previous_row"])
+    return joined.filter(pc.invert(found)).select(wanted.column_names), joined.filter(found)
+
+
+def build_sparse_shards(rows, documents: pa.Table, ranges: list[tuple[int, int]], config: Bm25Config, root: str, folder: str,
+                        previous_version: str | None = None) -> tuple[dict[str, Any], dict[str, int]]:
+    """Build (or reuse) every BM25 shard and the version's global statistics; returns the manifest's ``sparse`` entry and
+    what was done (``documents_tokenized``, ``documents_reused``).
 
     ``rows`` is the validated corpus (Ray Dataset with order_key and content); ``documents`` has
     position, order_key, id and text_hash for every indexed document. Only shards whose file is
-    missing are tokenized and counted per block (in parallel actors), then the parts are stacked per shard; statistics come from all shards.
+    missing are built. Their documents that ``previous_version`` (the version CURRENT named when the build started) held
+    with the same text and tokenizer settings take their counts from its shard files; the others are tokenized and
+    counted per block (in parallel actors). The parts are stacked per shard, so a shard file is the same bytes whichever
+    way its documents came (a nightly snapshot with changes spread through the corpus changes every shard, yet tokenizes
+    only the changed and new documents). Statistics come from all shards.
     """
     import ray
     from tqdm import tqdm
@@ -343,20 +404,37 @@ def build_sparse_shards(rows, documents: pa.Table, ranges: list[tuple[int, int]]
     keys = {shard: shard_key(documents.slice(start, end - start), config) for shard, (start, end) in enumerate(ranges)}
     missing = [shard for shard in keys if not storage.exists(storage.join_url(root, shard_file(keys[shard])))]
     built: dict[int, dict] = {}
+    work = {"documents_tokenized": 0, "documents_reused": 0}
     if missing:
         shard_by_position = np.zeros(documents.num_rows, dtype=np.int32)
         wanted = []
         for shard in missing:
             start, end = ranges[shard]
             shard_by_position[start:end] = shard
-            wanted.append(documents.slice(start, end - start).select(["order_key", "position"]))
-        mapping = pa.concat_tables(wanted).combine_chunks()
-        print(f"BM25: tokenizing {mapping.num_rows} documents for {len(missing)} shard(s)")
-        parts = rows.map_batches(
-            ShardTermCounter, fn_constructor_args=(config,), fn_args=(ray.put(mapping), ray.put(shard_by_position)),
-            batch_format="pyarrow", batch_size=TOKENIZE_BATCH_ROWS,
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, int(ray.cluster_resources().get("CPU", 1)) - 1)), num_cpus=0.5,
-        )
+            wanted.append(documents.slice(start, end - start).select(["position", "order_key", "id", "text_hash"]))
+        previous = previous_rows(root, previous_version, config)
+        to_tokenize, found = split_reusable(pa.concat_tables(wanted).combine_chunks(), previous)
+        work = {"documents_tokenized": to_tokenize.num_rows, "documents_reused": found.num_rows}
+        print(f"BM25: {len(missing)} shard(s) to build: tokenizing {to_tokenize.num_rows} documents, "
+              f"{found.num_rows} counted already in {previous_version}'s shards")
+        shard_by_position_ref = ray.put(shard_by_position)
+        sources = []
+        if to_tokenize.num_rows:
+            sources.append(rows.map_batches(
+                ShardTermCounter, fn_constructor_args=(config,), fn_args=(ray.put(to_tokenize.select(["order_key", "position"])), shard_by_position_ref),
+                batch_format="pyarrow", batch_size=TOKENIZE_BATCH_ROWS,
+                compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, int(ray.cluster_resources().get("CPU", 1)) - 1)), num_cpus=0.5,
+            ))
+        if found.num_rows:
+            entries = {int(entry["shard"]): entry for entry in index_store.read_manifest(root, previous_version)["sparse"]["shards"]}
+            task = ray.remote(num_cpus=0.5)(reused_parts)
+            previous_shard, previous_row, position = (found[name].to_numpy() for name in ("previous_shard", "previous_row", "position"))
+            refs = []
+            for number in np.unique(previous_shard).tolist():
+                chosen = np.flatnonzero(previous_shard == number)
+                refs.append(task.remote(root, entries[number], previous_row[chosen], position[chosen], shard_by_position_ref))
+            sources.append(ray.data.from_arrow_refs(refs))
+        parts = sources[0].union(*sources[1:]) if len(sources) > 1 else sources[0]
         written = collect(parts.groupby("shard").map_groups(write_shard_counts, fn_args=(root, keys), batch_format="pyarrow", num_cpus=0.5))
         for row in written.to_pylist() if written is not None else []:
             built[row["shard"]] = row
@@ -379,7 +457,7 @@ def build_sparse_shards(rows, documents: pa.Table, ranges: list[tuple[int, int]]
         "statistics": {"file": STATISTICS_FILE, "sha256": sha, "bytes": len(data), "documents": statistics.documents, "terms": len(statistics.terms),
                        "average_length": float(statistics.average_length)},
         "shards": shards,
-    }
+    }, work
 
 
 def load_statistics(root: str, manifest: dict[str, Any]) -> GlobalStatistics:

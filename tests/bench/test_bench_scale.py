@@ -357,20 +357,26 @@ def test_gpu_script_dry_run_runs_every_step_on_cpu(tmp_path):
     assert scale_run["arguments"]["model"] == "bundled" and scale_run["runs"][0]["docs"] == 300
 
 
-def test_the_steady_state_rate_leaves_out_the_start_up_and_reads_queries_from_part_metadata(tmp_path):
-    import pyarrow as pa
-
-    from bench.scale import query_parts, steady_state_rate
-    from pipelines.retrieval import QUERY_IDS_METADATA
-
-    # 30 s of start-up before the first part, then 100 queries a second: the overall rate is far lower, the steady one is 100.
-    parts = [(30.0 + second, 100) for second in range(20)]
-    assert steady_state_rate(parts) == pytest.approx(100.0)
-    assert steady_state_rate(list(reversed(parts))) == pytest.approx(100.0)  # order of listing does not matter
-    assert steady_state_rate([(1.0, 10)]) is None and steady_state_rate([]) is None
-    for number, (written, queries) in enumerate(parts[:3]):
-        table = pa.table({"query_id": ["q"] * (queries - 1)}).replace_schema_metadata({QUERY_IDS_METADATA: json.dumps([f"q{i}" for i in range(queries)]).encode()})
-        path = tmp_path / f"part-{number}.parquet"
-        pq.write_table(table, path)
-        os.utime(path, (written, written))
-    assert query_parts(tmp_path) == [(30.0, 100), (31.0, 100), (32.0, 100)]
+def test_a_query_stage_is_judged_from_its_first_search():
+    """An actor that grows while it loads (the first 40% of the stage, before any search) is start-up, not growth, once the
+    stage is judged from the first sample at which a shard actor's title says it is searching; growth after that still is."""
+    snapshots = steady_tree()
+    for index, snapshot in enumerate(snapshots):  # loads for 160 s of 400: still loading through the rule's second quarter
+        searching = 170 <= index <= 370
+        snapshot[(12, 2.0)] = ("ray::ShardGroupSearcher.search" if searching and index % 2 else "ray::ShardGroupSearcher", 100.0 + 600.0 * min(index / 160, 1.0))
+    tree = tree_of(snapshots)
+    result = scale.StageResult(stage="first_stage", rows=1000, memory_series=tree, process_series=snapshots)
+    result.memory_flatness = scale.memory_flatness(tree, snapshots)
+    assert result.memory_flatness["verdict"] == "growing"
+    assert scale.search_window(result) == (171.0, 369.0)
+    scale.judge_steady_state(result)
+    assert result.steady_from_s == 171.0 and result.memory_flatness["steady_from_s"] == 171.0
+    assert result.memory_flatness["verdict"] == "flat" and result.memory_flatness["samples"] == 229
+    assert result.extra["steady_queries_per_s"] == pytest.approx(1000 / 198)
+    for index in range(300, 400):  # growth inside the steady state is still growth
+        snapshots[index][(13, 2.0)] = ("ray::ShardGroupSearcher", 850.0)
+    scale.judge_steady_state(result)
+    assert result.memory_flatness["verdict"] == "growing"
+    never = scale.StageResult(stage="first_stage", rows=10, memory_series=tree_of(steady_tree()), process_series=steady_tree())
+    scale.judge_steady_state(never)
+    assert never.extra["steady_queries_per_s"] is None and never.steady_from_s is None

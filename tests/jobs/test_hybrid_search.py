@@ -105,6 +105,7 @@ def raw_parts(output) -> pa.Table:
 def test_the_build_writes_a_bm25_part_beside_the_dense_shards(hybrid_index):
     root, summary = hybrid_index
     assert summary["sparse"] is True and summary["sparse_shards_reused"] == 0 and summary["sparse_bytes"] > 0
+    assert (summary["sparse_documents_tokenized"], summary["sparse_documents_reused"]) == (DOCUMENTS, 0)
     manifest = index_store.read_manifest(str(root))
     sparse = manifest["sparse"]
     assert (sparse["method"], sparse["k1"], sparse["b"], sparse["stopwords"], sparse["stemmer"]) == ("lucene", 1.5, 0.75, "en", "english")
@@ -298,6 +299,7 @@ def test_an_incremental_rebuild_reuses_the_unchanged_bm25_shards(hybrid_index, t
     assert summary["version_id"] != before_summary["version_id"]
     assert (summary["embedded"], summary["reused_embeddings"]) == (1, DOCUMENTS - 1)
     assert summary["sparse_shards_reused"] == 2
+    assert (summary["sparse_documents_tokenized"], summary["sparse_documents_reused"]) == (1, 39)  # the third shard: its other 39 from the old one
     manifest = index_store.read_manifest(str(root))
     assert manifest["version_id"] == summary["version_id"]
     after = manifest["sparse"]
@@ -318,3 +320,25 @@ def test_an_incremental_rebuild_reuses_the_unchanged_bm25_shards(hybrid_index, t
     # The old version, still readable, does not know the word.
     old = SparseShardSearcher(str(root), before_summary["version_id"], 2, config).search(["brandnewword"])[0]
     assert (old == -1).all()
+
+
+def test_changes_spread_through_the_corpus_tokenize_only_the_changed_documents_and_give_a_full_builds_shards(hybrid_index, tiny_bi_encoder, tmp_path):
+    """A removal near the start shifts every position, so no shard keeps its documents; the counts of the documents
+    whose text is unchanged come from the previous version's shards, and each shard file is the bytes a build from
+    scratch of the same snapshot writes."""
+    before_root, _ = hybrid_index
+    root = tmp_path / "index"
+    shutil.copytree(before_root, root)
+    records = corpus_records()
+    records[50]["text"] = "brandnewword " + records[50]["text"]
+    records = records[:5] + records[6:] + [{"_id": "added", "title": "", "text": "an added document about brandnewword"}]
+    corpus = write_jsonl(tmp_path / "corpus" / "corpus.jsonl", records)
+
+    summary = build_job(*build_index_flags(corpus, root, tiny_bi_encoder, *BUILD_FLAGS))
+    assert summary["sparse_shards_reused"] == 0
+    assert (summary["sparse_documents_tokenized"], summary["sparse_documents_reused"]) == (2, DOCUMENTS - 2)
+    scratch = build_job(*build_index_flags(corpus, tmp_path / "scratch", tiny_bi_encoder, *BUILD_FLAGS))
+    assert (scratch["sparse_documents_tokenized"], scratch["sparse_documents_reused"]) == (DOCUMENTS, 0)
+    incremental, fresh = (index_store.read_manifest(str(folder))["sparse"] for folder in (root, tmp_path / "scratch"))
+    assert [(entry["file"], entry["sha256"]) for entry in incremental["shards"]] == [(entry["file"], entry["sha256"]) for entry in fresh["shards"]]
+    assert incremental["statistics"]["sha256"] == fresh["statistics"]["sha256"]
