@@ -415,8 +415,8 @@ def build_sparse_shards(rows, documents: pa.Table, ranges: list[tuple[int, int]]
         previous = previous_rows(root, previous_version, config)
         to_tokenize, found = split_reusable(pa.concat_tables(wanted).combine_chunks(), previous)
         work = {"documents_tokenized": to_tokenize.num_rows, "documents_reused": found.num_rows}
-        print(f"BM25: {len(missing)} shard(s) to build: tokenizing {to_tokenize.num_rows} documents, "
-              f"{found.num_rows} counted already in {previous_version}'s shards")
+        reused_text = f", {found.num_rows} counted already in version {previous_version}'s shards" if previous is not None else ""
+        print(f"BM25: {len(missing)} shard(s) to build: tokenizing {to_tokenize.num_rows} documents{reused_text}")
         shard_by_position_ref = ray.put(shard_by_position)
         sources = []
         if to_tokenize.num_rows:
