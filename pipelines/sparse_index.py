@@ -294,16 +294,22 @@ class ShardTermCounter:
         chosen = batch.filter(pc.is_in(batch["order_key"], value_set=mapping["order_key"]))
         positions = mapping["position"].take(pc.index_in(chosen["order_key"], value_set=mapping["order_key"])).to_numpy()
         counts = TermCounts.from_tokens(self.tokenize(chosen["content"].to_pylist()))
-        shards = shard_of[positions]
-        parts = {"shard": [], "positions": [], "counts": []}
-        for shard in np.unique(shards).tolist():
-            rows = np.flatnonzero(shards == shard)
-            parts["shard"].append(shard)
-            parts["positions"].append(positions[rows])
-            part = counts if len(rows) == len(positions) else counts.take(rows)  # most blocks lie in one shard: no copy
-            parts["counts"].append(part.to_bytes())
-        return pa.table({"shard": pa.array(parts["shard"], pa.int32()), "positions": pa.array(parts["positions"], pa.list_(pa.int64())),
-                         "counts": pa.array(parts["counts"], pa.large_binary())})
+        return parts_by_shard(counts, np.arange(counts.documents), positions, shard_of)
+
+
+def parts_by_shard(counts: TermCounts, rows: np.ndarray, positions: np.ndarray, shard_by_position: np.ndarray) -> pa.Table:
+    """Rows ``rows`` of ``counts``, whose documents go to ``positions``, as term-count parts: one per shard they fall in
+    (shard, positions, counts bytes), what :func:`write_shard_counts` stacks per shard."""
+    shards = shard_by_position[positions]
+    parts = {"shard": [], "positions": [], "counts": []}
+    for shard in np.unique(shards).tolist():
+        chosen = np.flatnonzero(shards == shard)
+        parts["shard"].append(shard)
+        parts["positions"].append(positions[chosen])
+        whole = len(chosen) == counts.documents and np.array_equal(rows[chosen], np.arange(counts.documents))
+        parts["counts"].append((counts if whole else counts.take(rows[chosen])).to_bytes())  # most blocks lie in one shard: no copy
+    return pa.table({"shard": pa.array(parts["shard"], pa.int32()), "positions": pa.array(parts["positions"], pa.list_(pa.int64())),
+                     "counts": pa.array(parts["counts"], pa.large_binary())})
 
 
 def write_shard_counts(parts: pa.Table, root: str, keys: dict[int, str]) -> pa.Table:
@@ -360,15 +366,7 @@ def reused_parts(root: str, entry: dict[str, Any], rows: np.ndarray, positions: 
     ``positions``, as :class:`ShardTermCounter`'s parts (one per new shard they fall in): counts are a function of the
     text and the tokenizer settings alone, so taking them equals tokenizing the same texts again."""
     counts = TermCounts.from_bytes(index_store.read_checked(storage.join_url(root, entry["file"]), entry["sha256"]))
-    shards = shard_by_position[positions]
-    parts = {"shard": [], "positions": [], "counts": []}
-    for shard in np.unique(shards).tolist():
-        chosen = np.flatnonzero(shards == shard)
-        parts["shard"].append(shard)
-        parts["positions"].append(positions[chosen])
-        parts["counts"].append(counts.take(rows[chosen]).to_bytes())
-    return pa.table({"shard": pa.array(parts["shard"], pa.int32()), "positions": pa.array(parts["positions"], pa.list_(pa.int64())),
-                     "counts": pa.array(parts["counts"], pa.large_binary())})
+    return parts_by_shard(counts, np.asarray(rows, dtype=np.int64), np.asarray(positions, dtype=np.int64), shard_by_position)
 
 
 def split_reusable(wanted: pa.Table, previous: pa.Table | None) -> tuple[pa.Table, pa.Table]:
